@@ -1,0 +1,196 @@
+"""stream_plan: lower a Schedule to a static list of instructions, each on one stream, ordered
+across streams only by the events it waits on. The list order is a valid sequential order too:
+the CPU engine runs it as written; the CUDA engine issues each stream's part in that order.
+
+Streams: h2d (weight copy-in), compute, d2h (gradient copy-out), cpu (clipping and the optimizer).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from mtc.config import HardwareProfile, format_bytes
+from mtc.passes.costs import StageCost
+from mtc.passes.schedule import Schedule
+
+STREAMS = ("h2d", "compute", "d2h", "cpu")
+SHARED = -1
+"""The stage index of the shared (tied, resident) weight group."""
+
+
+@dataclass
+class Instr:
+    id: int
+    stream: str
+    op: str
+    """copy_in, forward, loss, backward, copy_out, free_grad, clip or optimizer."""
+    stage: int | None
+    """Index into the plan's stages; SHARED for the resident group; None for clip."""
+    slot: int | None = None
+    bytes: int = 0
+    """Bytes this instruction moves (copies) or allocates until released (compute)."""
+    waits: list[int] = field(default_factory=list)
+    """Instructions of this step, on other streams, that must complete first (events)."""
+    waits_prev_step: list[int] = field(default_factory=list)
+    """Instructions of the previous step that must complete first (weights updated before copy-in)."""
+    reads: int | None = None
+    """For compute: the copy_in whose slot contents it reads."""
+    releases: list[int] = field(default_factory=list)
+    """Instructions whose allocations this one frees."""
+    work_bytes: int = 0
+    """Transient bytes while this instruction runs."""
+
+
+@dataclass
+class StreamPlan:
+    schedule: Schedule
+    instrs: list[Instr]
+
+    @property
+    def stages(self) -> list[StageCost]:
+        return self.schedule.stages
+
+    def stage_name(self, stage: int | None) -> str:
+        if stage is None:
+            return "all"
+        return "shared" if stage == SHARED else self.stages[stage].name
+
+    def group(self, stage: int) -> StageCost:
+        return self.schedule.shared if stage == SHARED else self.stages[stage]
+
+    def on(self, stream: str) -> list[Instr]:
+        return [i for i in self.instrs if i.stream == stream]
+
+    def to_json(self) -> dict:
+        return {"schedule": self.schedule.to_json(), "instrs": [asdict(i) for i in self.instrs]}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "StreamPlan":
+        return cls(Schedule.from_json(data["schedule"]), [Instr(**i) for i in data["instrs"]])
+
+    def __str__(self) -> str:
+        lines = [f"{'id':>4} {'stream':<8}{'op':<10}{'stage':<18}{'slot':>4} {'bytes':>11}  waits"]
+        for instr in self.instrs:
+            waits = [f"{self.instrs[w].op}:{self.stage_name(self.instrs[w].stage)}" for w in instr.waits]
+            waits += [f"prev.{self.instrs[w].op}:{self.stage_name(self.instrs[w].stage)}" for w in instr.waits_prev_step]
+            slot = "-" if instr.slot is None else str(instr.slot)
+            size = format_bytes(instr.bytes) if instr.bytes else "-"
+            lines.append(f"{instr.id:>4} {instr.stream:<8}{instr.op:<10}{self.stage_name(instr.stage):<18}"
+                         f"{slot:>4} {size:>11}  {', '.join(waits)}")
+        return "\n".join(lines)
+
+
+def lower(schedule: Schedule) -> StreamPlan:
+    instrs: list[Instr] = []
+
+    def emit(stream, op, stage, **fields) -> Instr:
+        instr = Instr(len(instrs), stream, op, stage, **fields)
+        instrs.append(instr)
+        return instr
+
+    shared_in = None
+    if schedule.shared:
+        shared_in = emit("h2d", "copy_in", SHARED, bytes=schedule.shared.weight_bytes)
+    last_reader: dict[int, Instr] = {}
+    forward_of: dict[int, Instr] = {}
+    copy_outs: list[Instr] = []
+    pending_free: list[tuple[Instr, Instr]] = []
+    optimizers: dict[int, Instr] = {}
+    for use in schedule.uses:
+        stage = schedule.stages[use.stage]
+        previous = last_reader.get(use.slot)
+        copy_in = emit("h2d", "copy_in", use.stage, slot=use.slot, bytes=stage.weight_bytes,
+                       waits=[previous.id] if previous else [])
+        waits = [copy_in.id] + ([shared_in.id] if shared_in and not last_reader else [])
+        if use.phase == "forward":
+            compute = emit("compute", "forward", use.stage, slot=use.slot, waits=waits, reads=copy_in.id,
+                           bytes=stage.saved_bytes, work_bytes=stage.forward_bytes)
+            forward_of[use.stage] = compute
+        else:
+            released = [forward_of[use.stage].id] if use.phase == "backward" else []
+            kept_input = stage.saved_bytes if use.phase == "loss" else 0
+            compute = emit("compute", use.phase, use.stage, slot=use.slot, waits=waits, reads=copy_in.id,
+                           bytes=stage.grad_bytes, releases=released,
+                           work_bytes=stage.backward_bytes + kept_input)
+            copy_out = emit("d2h", "copy_out", use.stage, bytes=stage.grad_bytes, waits=[compute.id])
+            copy_outs.append(copy_out)
+            # Free the previous stage's gradient buffer now, not before this backward: by then its copy-out
+            # has had a whole backward to finish, so the compute stream does not stall on it.
+            if pending_free:
+                _emit_free(emit, *pending_free.pop())
+            pending_free.append((compute, copy_out))
+            if not schedule.clip:
+                optimizers[use.stage] = emit("cpu", "optimizer", use.stage, waits=[copy_out.id])
+        last_reader[use.slot] = compute
+    if pending_free:
+        _emit_free(emit, *pending_free.pop())
+    if schedule.shared:
+        last_compute = next(i for i in reversed(instrs) if i.op in ("backward", "loss"))
+        copy_out = emit("d2h", "copy_out", SHARED, bytes=schedule.shared.grad_bytes, waits=[last_compute.id])
+        copy_outs.append(copy_out)
+        if not schedule.clip:
+            optimizers[SHARED] = emit("cpu", "optimizer", SHARED, waits=[copy_out.id])
+    if schedule.clip:
+        clip = emit("cpu", "clip", None, waits=[c.id for c in copy_outs])
+        for copy_out in copy_outs:
+            optimizers[copy_out.stage] = emit("cpu", "optimizer", copy_out.stage, waits=[clip.id])
+    for instr in instrs:
+        if instr.op == "copy_in":
+            instr.waits_prev_step = [optimizers[instr.stage].id]
+    return StreamPlan(schedule, instrs)
+
+
+def _emit_free(emit, compute: Instr, copy_out: Instr):
+    emit("compute", "free_grad", compute.stage, waits=[copy_out.id], releases=[compute.id])
+
+
+def duration(plan: StreamPlan, instr: Instr, profile: HardwareProfile) -> float:
+    """Predicted seconds for one instruction on the given hardware."""
+    if instr.op == "copy_in":
+        return instr.bytes / profile.h2d_bytes_per_s
+    if instr.op == "copy_out":
+        return instr.bytes / profile.d2h_bytes_per_s
+    if instr.op == "forward":
+        return plan.stages[instr.stage].forward_flops / profile.flops_per_s
+    if instr.op in ("backward", "loss"):
+        # Recompute (1x) + backward (2x) of the forward's FLOPs.
+        return 3 * plan.stages[instr.stage].forward_flops / profile.flops_per_s
+    if instr.op == "optimizer":
+        return plan.group(instr.stage).params / profile.optimizer_params_per_s
+    if instr.op == "clip":
+        # One read of every gradient: about a quarter of AdamW's traffic per parameter.
+        total = sum(s.params for s in plan.stages) + (plan.schedule.shared.params if plan.schedule.shared else 0)
+        return total / (4 * profile.optimizer_params_per_s)
+    return 0.0
+
+
+def simulate(plan: StreamPlan, profile: HardwareProfile, steps: int = 3) -> list[list[tuple[float, float]]]:
+    """(start, end) of every instruction over `steps` consecutive steps, each stream in list order."""
+    timeline = []
+    for _ in range(steps):
+        previous = timeline[-1] if timeline else None
+        stream_free = {s: max((previous[i.id][1] for i in plan.instrs if i.stream == s), default=0.0)
+                       if previous else 0.0 for s in STREAMS}
+        times: list[tuple[float, float]] = []
+        for instr in plan.instrs:
+            ready = max([stream_free[instr.stream]] + [times[w][1] for w in instr.waits]
+                        + ([previous[w][1] for w in instr.waits_prev_step] if previous else []))
+            end = ready + duration(plan, instr, profile)
+            times.append((ready, end))
+            stream_free[instr.stream] = end
+        timeline.append(times)
+    return timeline
+
+
+def predicted_step_seconds(plan: StreamPlan, profile: HardwareProfile) -> float:
+    """Steady-state step time: the third simulated step's end minus the second's."""
+    timeline = simulate(plan, profile)
+    return max(e for _, e in timeline[2]) - max(e for _, e in timeline[1])
+
+
+def lower_bound_seconds(plan: StreamPlan, profile: HardwareProfile) -> float:
+    """No plan beats its busiest resource: max(compute, copy-in, copy-out, CPU optimizer)."""
+    busy = {stream: 0.0 for stream in STREAMS}
+    for instr in plan.instrs:
+        busy[instr.stream] += duration(plan, instr, profile)
+    return max(busy.values())
+

@@ -1,0 +1,1 @@
+"""Example models, presets and the embedded default corpus (installed as mtc.examples)."""

@@ -1,0 +1,127 @@
+"""The `mtc` command: train, plan and show, for people who would rather not write code."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+import mtc
+from mtc.config import parse_bytes
+from mtc.passes.schedule import MemoryBudgetError
+from mtc.plan import stage_table
+from mtc.examples import data, models
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="mtc", description=__doc__)
+    commands = parser.add_subparsers(dest="command")
+
+    train = commands.add_parser("train", help="train a preset model (default: tiny, on the built-in corpus)")
+    _model_arguments(train, batch="8x128", gpu_mem="80GB")
+    train.add_argument("--steps", type=int, default=150, help="optimizer steps (default 150)")
+    train.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (default 3e-3)")
+    train.add_argument("--weight-decay", type=float, default=0.1)
+    train.add_argument("--seed", type=int, default=0, help="model init and data order (default 0)")
+    train.add_argument("--save-plan", metavar="PATH", help="also write the plan as JSON")
+
+    plan = commands.add_parser("plan", help="plan a preset on the meta device (no memory, no GPU needed)")
+    _model_arguments(plan, batch="4x4096", gpu_mem="80GB")
+    plan.add_argument("--save", metavar="PATH", help="write the plan as JSON (read it with `mtc show`)")
+    plan.add_argument("--instructions", action="store_true", help="print every stream instruction too")
+
+    show = commands.add_parser("show", help="print a saved plan")
+    show.add_argument("path")
+
+    args = parser.parse_args(argv)
+    if args.command is None:
+        args = parser.parse_args(["train"] + list(argv if argv is not None else sys.argv[1:]))
+    try:
+        return {"train": _train, "plan": _plan, "show": _show}[args.command](args)
+    except (ValueError, TypeError, RuntimeError, OSError) as error:
+        print(f"mtc {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+def _model_arguments(parser, batch: str, gpu_mem: str):
+    parser.add_argument("--preset", default="tiny", choices=sorted(models.PRESETS),
+                        help="model shape (default tiny)")
+    parser.add_argument("--batch", default=batch, help=f"sequences x tokens per step (default {batch})")
+    parser.add_argument("--gpu-mem", default=gpu_mem, help=f"device memory budget, e.g. 24GB, 80GiB (default {gpu_mem})")
+    parser.add_argument("--clip", type=float, default=1.0, help="clip gradients to this global norm (default 1.0; 0: off)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+
+
+def _batch(text: str) -> tuple[int, int]:
+    try:
+        sequences, tokens = (int(part) for part in text.lower().split("x"))
+        if sequences > 0 and tokens > 0:
+            return sequences, tokens
+    except ValueError:
+        pass
+    raise ValueError(f"--batch={text!r} is not valid; expected SEQUENCESxTOKENS with both > 0, e.g. 4x4096")
+
+
+def _train(args) -> int:
+    from tqdm import tqdm
+
+    batch, seq = _batch(args.batch)
+    if args.steps < 1:
+        raise ValueError(f"--steps={args.steps} is not valid; expected an integer >= 1")
+    torch.manual_seed(args.seed)
+    model = models.build(args.preset)
+    corpus = data.stdlib_corpus()
+    stream = data.batches(corpus, batch, seq, seed=args.seed)
+    example = next(stream)
+    started = time.perf_counter()
+    step = mtc.compile(model, gpu_mem=args.gpu_mem, example=example, device=args.device,
+                       optimizer=mtc.AdamW(lr=args.lr, weight_decay=args.weight_decay),
+                       clip_grad_norm=args.clip or None)
+    print(step.plan.summary())
+    print(f"compiled in {time.perf_counter() - started:.1f} s; training {models.parameter_count(model):,} "
+          f"parameters on {batch}x{seq} tokens of the Python standard library's source, byte by byte")
+    if args.save_plan:
+        step.plan.save(args.save_plan)
+    first = last = None
+    tokens, started = 0, time.perf_counter()
+    with tqdm(range(args.steps), unit="step", dynamic_ncols=True) as bar:
+        for index in bar:
+            input_ids, labels = example if index == 0 else next(stream)
+            last = float(step(input_ids, labels))
+            first = last if first is None else first
+            tokens += input_ids.numel()
+            bar.set_postfix(loss=f"{last:.3f}", tok_s=f"{tokens / (time.perf_counter() - started):,.0f}")
+    print(f"loss {first:.3f} -> {last:.3f} in {args.steps} steps, "
+          f"{tokens / (time.perf_counter() - started):,.0f} tokens/s")
+    return 0
+
+
+def _plan(args) -> int:
+    batch, seq = _batch(args.batch)
+    device = args.device or "cuda"  # planning needs no GPU: plan for the one the user will train on
+    started = time.perf_counter()
+    model = models.build(args.preset, device="meta")
+    example = (torch.empty(batch, seq, dtype=torch.long, device="meta"),) * 2
+    try:
+        planned = mtc.plan(model, parse_bytes(args.gpu_mem, "--gpu-mem"), example, clip=bool(args.clip),
+                           device=device)
+    except MemoryBudgetError as error:
+        # Show where the bytes go, so the user sees which stage to shrink.
+        print(stage_table(error.schedule.stages), file=sys.stderr)
+        raise
+    print(planned.plan if args.instructions else planned.plan.summary())
+    print(f"planned in {time.perf_counter() - started:.1f} s", flush=True)
+    if args.save:
+        planned.plan.save(args.save)
+        print(f"saved {args.save}")
+    return 0
+
+
+def _show(args) -> int:
+    print(mtc.Plan.load(args.path))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

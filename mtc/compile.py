@@ -1,0 +1,136 @@
+"""mtc.compile: wire the stages of the pipeline. No algorithm lives here."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from mtc.codegen.stream_plan import lower
+from mtc.config import CPU, H100, AdamW, parse_bytes
+from mtc.passes.costs import costs_pass
+from mtc.passes.partition import partition_pass
+from mtc.passes.schedule import schedule_pass
+from mtc.passes.trace import trace_pass
+from mtc.passes.validate import validate
+from mtc.plan import Plan
+from mtc.runtime.engine import Engine
+from mtc.runtime.store import StateStore
+
+
+def compile(model: torch.nn.Module, gpu_mem="80GB", example=None, optimizer: AdamW | None = None,
+            clip_grad_norm: float | None = None, device=None, compute_dtype: torch.dtype | None = None) -> "Step":
+    """Plan and build a streamed training step for `model`, called exactly as `example` calls it."""
+    device = _device(device)
+    optimizer = optimizer if optimizer is not None else AdamW()
+    if not isinstance(optimizer, AdamW):
+        raise TypeError(f"optimizer={optimizer!r} is not supported; pass mtc.AdamW(lr=..., ...)")
+    if clip_grad_norm is not None and not (isinstance(clip_grad_norm, (int, float)) and clip_grad_norm > 0):
+        raise ValueError(f"clip_grad_norm={clip_grad_norm!r} is not valid; expected None or a number > 0")
+    planned = plan(model, gpu_mem, example, clip=clip_grad_norm is not None, device=device,
+                   compute_dtype=compute_dtype)
+    store = StateStore([s.params for s in planned.partition.stages], planned.partition.shared_params,
+                       planned.params, planned.buffers, planned.compute_dtype, device)
+    engine = Engine(planned.plan.stream_plan, planned.partition, store, planned.costs.grad_inputs, optimizer,
+                    clip_grad_norm, device, planned.compute_dtype, planned.traced.unflatten_output)
+    return Step(planned, store, engine)
+
+
+class Planned:
+    """Everything the planning passes produced, for compile() and for `mtc plan`."""
+
+    def __init__(self, **fields):
+        self.__dict__.update(fields)
+
+
+def plan(model, gpu_mem="80GB", example=None, clip: bool = False, device=None, compute_dtype=None) -> Planned:
+    """Run the planning passes only: nothing is allocated, so a meta-device model plans for free."""
+    gpu_mem = parse_bytes(gpu_mem, "gpu_mem")
+    device = _device(device, must_exist=False)
+    compute_dtype = compute_dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    args, kwargs = _split_example(example)
+    timings = {}
+
+    def timed(name, fn, *a):
+        start = time.perf_counter()
+        result = fn(*a)
+        timings[name] = time.perf_counter() - start
+        return result
+
+    # trace -> partition -> costs -> schedule -> lower -> validate; each consumes the one before.
+    traced = timed("trace", trace_pass, model, args, kwargs)
+    partition = timed("partition", partition_pass, traced)
+    params = dict(model.named_parameters())
+    buffers = {**dict(model.named_buffers()), **traced.constants}
+    inputs = traced.flatten_inputs(args, kwargs)
+    costs = timed("costs", costs_pass, partition, params, buffers, inputs, compute_dtype, traced.unflatten_output)
+    schedule = timed("schedule", schedule_pass, costs, gpu_mem, clip)
+    stream_plan = timed("lower", lower, schedule)
+    profile = H100 if device.type == "cuda" else CPU
+    timed("validate", validate, stream_plan, profile)
+    templates = {}
+    for stage in partition.stages:
+        templates.setdefault(stage.template.name, []).append(stage.name)
+    header = {"model": type(model).__name__, "tracer": traced.tracer, "device": str(device),
+              "compute_dtype": str(compute_dtype).replace("torch.", ""), "chain": partition.chain,
+              "profile": profile.name, "passes": timings,
+              "inputs": [_describe(v) for v in inputs]}
+    return Planned(plan=Plan(header, templates, stream_plan), traced=traced, partition=partition, costs=costs,
+                   params=params, buffers=buffers, compute_dtype=compute_dtype, device=device,
+                   input_specs=[_describe(v) for v in inputs], input_names=list(partition.graph_inputs))
+
+
+class Step:
+    """A compiled training step: `loss = step(*args, **kwargs)` runs forward, backward and AdamW."""
+
+    def __init__(self, planned: Planned, store: StateStore, engine: Engine):
+        self._planned, self._store, self._engine = planned, store, engine
+        self.plan = planned.plan
+        self.steps = 0
+
+    def __call__(self, *args, **kwargs) -> torch.Tensor:
+        inputs = self._planned.traced.flatten_inputs(args, kwargs)
+        for name, expected, value in zip(self._planned.input_names, self._planned.input_specs, inputs):
+            if _describe(value) != expected:
+                raise ValueError(f"step() argument {name!r} is {_describe(value)} but the plan was compiled for "
+                                 f"{expected}; mtc plans for fixed shapes: compile again with this example")
+        loss, self.last_output = self._engine.step(inputs)
+        self.steps += 1
+        return loss
+
+    def named_parameters(self):
+        """(name, fp32 master weight) for every parameter, under the model's own names."""
+        return self._store.named_parameters()
+
+    @property
+    def last_grad_norm(self) -> float | None:
+        """The global gradient norm before clipping, when clip_grad_norm is set."""
+        return self._engine.last_grad_norm
+
+
+def _device(device, must_exist: bool = True) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device={device!r} is not a device; expected None, 'cpu' or 'cuda[:N]'") from error
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device={str(device)!r} is not supported; expected None, 'cpu' or 'cuda[:N]'")
+    if must_exist and device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was asked for but torch sees no CUDA GPU; use device='cpu'")
+    return device
+
+
+def _split_example(example) -> tuple[tuple, dict]:
+    if isinstance(example, dict):
+        return (), dict(example)
+    if isinstance(example, (tuple, list)):
+        return tuple(example), {}
+    raise TypeError(f"example={type(example).__name__} is not valid; expected a tuple of positional arguments "
+                    f"or a dict of keyword arguments, exactly as the model will be called")
+
+
+def _describe(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"tensor{tuple(value.shape)} {str(value.dtype).replace('torch.', '')}"
+    return repr(value)

@@ -1,0 +1,87 @@
+"""Typed configuration: sizes, the optimizer and the hardware profile the planner scores against."""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*$", re.IGNORECASE)
+
+
+def parse_bytes(value, name: str = "gpu_mem") -> int:
+    """'80GB' (10^9), '24GiB' (2^30), '512MB' or an int of bytes -> bytes > 0."""
+    accepted = "a positive int of bytes or a string like '80GB', '24GiB', '512MB'"
+    if isinstance(value, bool):
+        raise ValueError(f"{name}={value!r} is not a size; expected {accepted}")
+    if isinstance(value, int):
+        size = value
+    elif isinstance(value, str) and (match := _SIZE.match(value)):
+        size = int(float(match.group(1)) * _UNITS[(match.group(2) or "").upper()])
+    else:
+        raise ValueError(f"{name}={value!r} is not a size; expected {accepted}")
+    if size <= 0:
+        raise ValueError(f"{name}={value!r} must be more than 0 bytes; expected {accepted}")
+    return size
+
+
+def format_bytes(n: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+@dataclass(frozen=True)
+class AdamW:
+    """AdamW with decoupled weight decay, the same update as torch.optim.AdamW."""
+
+    lr: float = 1e-3
+    """Learning rate."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Decay rates of the first and second moment estimates."""
+    eps: float = 1e-8
+    """Added to the denominator for numerical stability."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay, applied to every parameter."""
+
+    def __post_init__(self):
+        checks = [("lr", self.lr, self.lr >= 0, "a number >= 0"),
+                  ("eps", self.eps, self.eps >= 0, "a number >= 0"),
+                  ("weight_decay", self.weight_decay, self.weight_decay >= 0, "a number >= 0"),
+                  ("betas", self.betas, len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+                   "two numbers in [0, 1)")]
+        for name, value, ok, accepted in checks:
+            if not ok:
+                raise ValueError(f"AdamW {name}={value!r} is not valid; expected {accepted}")
+        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class HardwareProfile:
+    """Rates the planner uses to predict a step; DESIGN.md lists where the H100 numbers come from."""
+
+    name: str
+    h2d_bytes_per_s: float
+    """Pinned host-to-device copy rate."""
+    d2h_bytes_per_s: float
+    """Pinned device-to-host copy rate."""
+    flops_per_s: float
+    """Sustained matrix-multiply rate in the compute dtype."""
+    optimizer_params_per_s: float
+    """CPU AdamW rate while copies and GEMMs run beside it."""
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+# Measured on one H100 80GB box (DESIGN.md, "Numbers that bound the design"): the contended rates.
+H100 = HardwareProfile("h100", h2d_bytes_per_s=34.5e9, d2h_bytes_per_s=34.5e9,
+                       flops_per_s=675e12, optimizer_params_per_s=2.9e9)
+# A 2-core CI machine, order-of-magnitude only: the CPU engine runs the same plan in order.
+CPU = HardwareProfile("cpu", h2d_bytes_per_s=5e9, d2h_bytes_per_s=5e9,
+                      flops_per_s=50e9, optimizer_params_per_s=0.2e9)
+PROFILES = {profile.name: profile for profile in (H100, CPU)}

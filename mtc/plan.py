@@ -1,0 +1,88 @@
+"""Plan: what mtc.compile decided, printable and saved as JSON (`mtc show plan.json`)."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+
+from mtc.codegen.stream_plan import StreamPlan, lower_bound_seconds, predicted_step_seconds
+from mtc.config import PROFILES, format_bytes
+
+FORMAT = "mtc-plan/1"
+
+
+@dataclass
+class Plan:
+    header: dict
+    """Model, tracer, device, dtype, gpu_mem, the block chain, the profile and each pass's seconds."""
+    templates: dict[str, list[str]]
+    """Template name -> the stages that share it."""
+    stream_plan: StreamPlan
+
+    @property
+    def schedule(self):
+        return self.stream_plan.schedule
+
+    def predicted_step_seconds(self) -> float:
+        return predicted_step_seconds(self.stream_plan, PROFILES[self.header["profile"]])
+
+    def to_json(self) -> dict:
+        return {"format": FORMAT, "header": self.header, "templates": self.templates,
+                "stream_plan": self.stream_plan.to_json()}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Plan":
+        if data.get("format") != FORMAT:
+            raise ValueError(f"not an mtc plan: format is {data.get('format')!r}, expected {FORMAT!r}")
+        return cls(data["header"], data["templates"], StreamPlan.from_json(data["stream_plan"]))
+
+    def save(self, path) -> None:
+        """Write atomically: a crash mid-write leaves any earlier file at `path` intact."""
+        directory = os.path.dirname(os.path.abspath(path))
+        with tempfile.NamedTemporaryFile("w", dir=directory, suffix=".tmp", delete=False) as f:
+            json.dump(self.to_json(), f, indent=1)
+        os.replace(f.name, path)
+
+    @classmethod
+    def load(cls, path) -> "Plan":
+        with open(path) as f:
+            return cls.from_json(json.load(f))
+
+    def summary(self) -> str:
+        h, schedule = self.header, self.schedule
+        profile = PROFILES[h["profile"]]
+        stages = schedule.stages + ([schedule.shared] if schedule.shared else [])
+        params = sum(s.params for s in stages)
+        lines = [
+            f"mtc plan · {h['model']} · traced by {h['tracer']} · {h['device']} {h['compute_dtype']} · "
+            f"gpu_mem {format_bytes(schedule.gpu_mem)}",
+            f"passes: " + ", ".join(f"{name} {seconds * 1e3:.0f} ms" for name, seconds in h["passes"].items()),
+            f"{params:,} parameters in {len(schedule.stages)} stages; blocks: {h['chain']}",
+            stage_table(stages),
+        ]
+        lines += [
+            f"schedule: {schedule.slots} weight slots of {format_bytes(schedule.slot_bytes)}, "
+            f"{format_bytes(schedule.resident_bytes)} resident, boundaries kept, blocks recomputed in backward"
+            f"{', clip by global norm' if schedule.clip else ''}",
+            f"device peak {format_bytes(schedule.peak_bytes)} of {format_bytes(schedule.gpu_mem)}",
+            f"per step: {format_bytes(sum(i.bytes for i in self.stream_plan.on('h2d')))} in, "
+            f"{format_bytes(sum(i.bytes for i in self.stream_plan.on('d2h')))} out; predicted "
+            f"{self.predicted_step_seconds():.3f} s on profile '{profile.name}' "
+            f"(lower bound {lower_bound_seconds(self.stream_plan, profile):.3f} s)",
+        ]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary() + "\n\n" + str(self.stream_plan)
+
+
+def stage_table(stages) -> str:
+    """One line per stage: parameters, bytes streamed, bytes kept, working sets and FLOPs."""
+    lines = [f"{'stage':<18}{'template':<16}{'params':>14}{'weights':>12}{'kept in':>12}{'fwd work':>12}"
+             f"{'bwd work':>12}{'fwd GFLOP':>11}"]
+    for s in stages:
+        lines.append(f"{s.name:<18}{s.template:<16}{s.params:>14,}{format_bytes(s.weight_bytes):>12}"
+                     f"{format_bytes(s.saved_bytes):>12}{format_bytes(s.forward_bytes):>12}"
+                     f"{format_bytes(s.backward_bytes):>12}{s.forward_flops / 1e9:>11.1f}")
+    return "\n".join(lines)

@@ -1,0 +1,153 @@
+"""costs: bytes and FLOPs per stage, by running every template on meta tensors (no memory, no compute).
+
+The same pass checks what the runtime relies on: the model returns a scalar loss that depends on
+its parameters, and which values between stages carry gradients.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+from torch.utils.flop_counter import FlopCounterMode
+
+from .partition import Partition
+
+
+class LossError(TypeError):
+    """The model's forward does not return a scalar loss."""
+
+
+@dataclass
+class StageCost:
+    name: str
+    template: str
+    params: int
+    """Parameters whose weights stream with this stage (shared ones are counted once, resident)."""
+    weight_bytes: int
+    """Bytes of those weights in the compute dtype: one copy-in."""
+    grad_bytes: int
+    """Bytes of their fp32 gradient: one copy-out."""
+    saved_bytes: int
+    """Bytes of the stage's tensor inputs, kept from its forward until its backward recomputes it."""
+    forward_bytes: int
+    """Peak transient bytes while the forward runs without autograd."""
+    backward_bytes: int
+    """Peak transient bytes while the stage is recomputed and differentiated (upper estimate:
+    every non-view intermediate saved, plus the two largest gradients in flight and weight grads)."""
+    forward_flops: int
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Costs:
+    stages: list[StageCost]
+    resident_bytes: int
+    """Shared (tied) weights and their gradients, and all buffers: on the device for the whole step."""
+    shared: StageCost | None
+    """The weights read by several stages (tied embeddings): copied in once, updated once, a step."""
+    grad_inputs: dict[str, bool]
+    """Value name -> whether it carries a gradient (depends on a parameter)."""
+    loss: object
+    """How to find the loss in the model output: ('tensor',), ('attr', 'loss') or ('key', 'loss')."""
+
+
+def costs_pass(partition: Partition, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
+               inputs: list, compute_dtype: torch.dtype, unflatten_output) -> Costs:
+    meta = lambda t: torch.empty(t.shape, dtype=t.dtype, device="meta") if isinstance(t, torch.Tensor) else t  # noqa: E731
+    env = dict(zip(partition.graph_inputs, (meta(v) for v in inputs)))
+    weights = {name: torch.empty(p.shape, dtype=_compute(p, compute_dtype), device="meta", requires_grad=True)
+               for name, p in params.items()}
+    shared = set(partition.shared_params)
+    results = []
+    for stage in partition.stages:
+        stage_inputs = [env[name] for name in stage.inputs]
+        args = [weights[p] for p in stage.params] + [meta(buffers[b]) for b in stage.buffers] + stage_inputs
+        profile = _MemoryProfile(stage.template.function("meta"))
+        with FlopCounterMode(display=False) as flops:
+            outputs = profile.run(*args)
+        env.update(zip(stage.outputs, outputs))
+        own = [p for p in stage.params if p not in shared]
+        own_bytes = sum(weights[p].nbytes for p in own)
+        grad_bytes = sum(weights[p].numel() * 4 for p in own)
+        saved = sum(t.nbytes for t in stage_inputs if isinstance(t, torch.Tensor))
+        results.append(StageCost(
+            stage.name, stage.template.name, sum(weights[p].numel() for p in own), own_bytes, grad_bytes,
+            saved, profile.peak_forward, profile.saved_total + 2 * profile.largest + own_bytes,
+            int(flops.get_total_flops())))
+
+    output = unflatten_output(pytree.tree_map(lambda name: env[name], partition.output))
+    loss, how = find_loss(output)
+    if not (loss.dim() == 0 and loss.is_floating_point()):
+        raise LossError(f"the model's loss must be a scalar floating-point tensor; got shape "
+                        f"{tuple(loss.shape)} and dtype {loss.dtype}")
+    if not loss.requires_grad:
+        raise LossError("the model's loss does not depend on any parameter, so there is nothing to train")
+    grad_inputs = {name: isinstance(v, torch.Tensor) and v.requires_grad for name, v in env.items()}
+    shared_cost = None
+    if shared:
+        shared_cost = StageCost("shared", "-", sum(weights[p].numel() for p in shared),
+                                sum(weights[p].nbytes for p in shared), sum(weights[p].numel() * 4 for p in shared),
+                                0, 0, 0, 0)
+    buffer_bytes = sum(b.nbytes for b in buffers.values() if isinstance(b, torch.Tensor))
+    resident = buffer_bytes + (shared_cost.weight_bytes + shared_cost.grad_bytes if shared_cost else 0)
+    return Costs(results, resident, shared_cost, grad_inputs, how)
+
+
+def find_loss(output):
+    """The loss in a model output: the output itself, output.loss, or output['loss']."""
+    if isinstance(output, torch.Tensor):
+        return output, ("tensor",)
+    if isinstance(output, dict) and isinstance(output.get("loss"), torch.Tensor):
+        return output["loss"], ("key", "loss")
+    if isinstance(getattr(output, "loss", None), torch.Tensor):
+        return output.loss, ("attr", "loss")
+    raise LossError(f"the model's forward must return a scalar loss tensor, or an output with .loss "
+                    f"(as Hugging Face models do when called with labels); it returned {type(output).__name__}")
+
+
+def _compute(param: torch.Tensor, compute_dtype: torch.dtype) -> torch.dtype:
+    return compute_dtype if param.is_floating_point() else param.dtype
+
+
+class _MemoryProfile(fx.Interpreter):
+    """Runs a template on meta tensors and records, per node, the bytes it allocates (views: none)."""
+
+    def __init__(self, module):
+        super().__init__(module)
+        self.sizes = {}
+
+    def run_node(self, node):
+        result = super().run_node(node)
+        if node.op not in ("placeholder", "output"):
+            tensors = [t for t in pytree.tree_leaves(result) if isinstance(t, torch.Tensor)]
+            self.sizes[node] = sum(t.nbytes for t in tensors if t._base is None)
+        return result
+
+    @property
+    def saved_total(self) -> int:
+        return sum(self.sizes.values())
+
+    @property
+    def largest(self) -> int:
+        return max(self.sizes.values(), default=0)
+
+    @property
+    def peak_forward(self) -> int:
+        """Peak of live intermediates when each is freed after its last user (outputs kept)."""
+        nodes = list(self.module.graph.nodes)
+        last_use = {}
+        for index, node in enumerate(nodes):
+            for used in node.all_input_nodes:
+                last_use[used] = index
+        live = peak = 0
+        for index, node in enumerate(nodes):
+            live += self.sizes.get(node, 0)
+            peak = max(peak, live)
+            for used in node.all_input_nodes:
+                if last_use[used] == index and nodes[-1] not in used.users:
+                    live -= self.sizes.get(used, 0)
+        return peak

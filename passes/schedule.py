@@ -1,0 +1,94 @@
+"""schedule: stage costs + gpu_mem -> which stage's weights sit in which slot, in what order.
+
+First version, a fixed plan (the solver comes later): k = 2 weight slots, the next stage prefetched
+while the current one computes, every stage's boundary input kept on the device, and each stage's
+internals recomputed in its backward while its weights are resident (weights cross twice a step).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from mtc.config import format_bytes
+
+from .costs import Costs, StageCost
+
+
+class MemoryBudgetError(ValueError):
+    """gpu_mem cannot hold the plan's peak working set."""
+
+    def __init__(self, message: str, schedule: "Schedule"):
+        super().__init__(message)
+        self.schedule = schedule
+
+
+@dataclass(frozen=True)
+class Use:
+    stage: int
+    phase: str
+    """'forward', 'loss' (forward and backward of the last stage, back to back) or 'backward'."""
+    slot: int
+
+
+@dataclass
+class Schedule:
+    stages: list[StageCost]
+    shared: StageCost | None
+    """Weights read by several stages: resident for the whole step, one copy-in and one update."""
+    uses: list[Use]
+    slots: int
+    slot_bytes: int
+    resident_bytes: int
+    gpu_mem: int
+    clip: bool
+    peak_bytes: int
+    """Largest predicted device footprint over the step."""
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Schedule":
+        shared = data["shared"] and StageCost(**data["shared"])
+        return cls(**{**data, "stages": [StageCost(**s) for s in data["stages"]], "shared": shared,
+                      "uses": [Use(**u) for u in data["uses"]]})
+
+
+def schedule_pass(costs: Costs, gpu_mem: int, clip: bool, slots: int = 2) -> Schedule:
+    stages = costs.stages
+    count = len(stages)
+    order = ([(i, "forward") for i in range(count - 1)] + [(count - 1, "loss")]
+             + [(i, "backward") for i in reversed(range(count - 1))])
+    slots = max(1, min(slots, count))
+    uses = [Use(stage, phase, index % slots) for index, (stage, phase) in enumerate(order)]
+    slot_bytes = max(s.weight_bytes for s in stages)
+    schedule = Schedule(stages, costs.shared, uses, slots, slot_bytes, costs.resident_bytes, gpu_mem, clip, 0)
+    peak, where = peak_memory(schedule)
+    schedule.peak_bytes = peak
+    if peak > gpu_mem:
+        raise MemoryBudgetError(
+            f"gpu_mem={format_bytes(gpu_mem)} ({gpu_mem} bytes) is too small: this plan needs "
+            f"{format_bytes(peak)} ({peak} bytes) at its peak, in the {where}; that is {slots} weight slots of "
+            f"{format_bytes(slot_bytes)}, {format_bytes(costs.resident_bytes)} resident, the kept boundary "
+            f"activations and the stage's working set. Give a larger gpu_mem or a smaller batch.", schedule)
+    return schedule
+
+
+def peak_memory(schedule: Schedule) -> tuple[int, str]:
+    """Device bytes at each compute: slots + resident + kept boundaries + working set + live grads."""
+    static = schedule.slots * schedule.slot_bytes + schedule.resident_bytes
+    kept, grads_in_flight, peak, where = 0, [], 0, ""
+    for use in schedule.uses:
+        stage = schedule.stages[use.stage]
+        if use.phase == "forward":
+            kept += stage.saved_bytes
+            now = static + kept + stage.forward_bytes
+        else:
+            # A stage's gradient buffer lives until its copy-out is done, i.e. during the next backward.
+            grads_in_flight = grads_in_flight[-1:] + [stage.grad_bytes]
+            own_input = stage.saved_bytes if use.phase == "loss" else 0  # the loss stage keeps nothing
+            now = static + kept + own_input + stage.backward_bytes + sum(grads_in_flight)
+            if use.phase == "backward":
+                kept -= stage.saved_bytes
+        if now > peak:
+            peak, where = now, f"{use.phase} of {stage.name}"
+    return peak, where

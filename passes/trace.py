@@ -1,0 +1,157 @@
+"""trace: nn.Module -> one flat fx.Graph whose parameters are all get_attr nodes.
+
+torch.fx first (tracing *through* every module, so a Linear is `linear(x, weight, bias)` and every
+weight use is visible); torch.export (non-strict) when fx cannot trace. Both give the same thing
+downstream: a graph, the flat list of its inputs, and the names of parameters and buffers.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+import traceback
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+
+
+class TraceError(RuntimeError):
+    """Neither torch.fx nor torch.export could trace the model."""
+
+
+@dataclass
+class Traced:
+    graph: fx.Graph
+    tracer: str
+    """'fx' or 'export'."""
+    flatten_inputs: object
+    """(args, kwargs) -> the graph's placeholder values, in order."""
+    param_names: dict[str, str]
+    """get_attr target -> canonical parameter name (tied weights share one)."""
+    buffer_names: dict[str, str]
+    """get_attr target -> canonical buffer / constant name."""
+    constants: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Tensors the graph reads that the model does not own (export's lifted constants)."""
+    out_spec: object = None
+    """export returns flat outputs; this rebuilds the model's output structure from them."""
+
+    def unflatten_output(self, values):
+        return values if self.out_spec is None else pytree.tree_unflatten(list(values), self.out_spec)
+
+
+class _ThroughEveryModule(fx.Tracer):
+    """Trace into torch.nn modules too, so every weight appears as a get_attr node."""
+
+    def is_leaf_module(self, module, qualified_name):
+        return False
+
+
+def trace_pass(model: torch.nn.Module, args: tuple, kwargs: dict) -> Traced:
+    try:
+        return _trace_fx(model, args, kwargs)
+    except Exception as fx_error:  # fx fails on shape-dependent Python, **kwargs, ...
+        try:
+            return _trace_export(model, args, kwargs)
+        except Exception as export_error:
+            where = _user_frame(export_error) or _user_frame(fx_error) or "unknown location"
+            raise TraceError(
+                f"cannot trace {type(model).__name__}: torch.fx failed with "
+                f"{type(fx_error).__name__}: {_first_line(fx_error)}; torch.export failed at {where} with "
+                f"{type(export_error).__name__}: {_first_line(export_error)}") from export_error
+
+
+def _trace_fx(model, args, kwargs) -> Traced:
+    signature = inspect.signature(model.forward)
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in signature.parameters.values()):
+        raise TypeError("fx cannot trace a forward with *args or **kwargs")
+    bound = signature.bind(*args, **kwargs)
+    # Arguments the example leaves out keep their defaults as constants, so `if mask is None:` traces.
+    concrete = {name: p.default for name, p in signature.parameters.items() if name not in bound.arguments}
+    graph = _ThroughEveryModule().trace(model, concrete_args=concrete)
+    for node in [n for n in graph.nodes if n.op == "placeholder" and n.target in concrete]:
+        # concrete_args leave a placeholder behind that nothing reads.
+        if not node.users:
+            graph.erase_node(node)
+    names = [n.target for n in graph.nodes if n.op == "placeholder"]
+
+    def flatten_inputs(call_args, call_kwargs):
+        call = signature.bind(*call_args, **call_kwargs).arguments
+        missing = [name for name in names if name not in call]
+        if missing:
+            raise TypeError(f"step() is missing argument(s) {missing} that the example provided")
+        extra = [name for name in call if name not in names]
+        if extra:
+            raise TypeError(f"step() got argument(s) {extra} that the example did not provide")
+        return [call[name] for name in names]
+
+    params, buffers, constants = _attributes(model, model, graph)
+    return Traced(graph, "fx", flatten_inputs, params, buffers, constants)
+
+
+def _trace_export(model, args, kwargs) -> Traced:
+    exported = torch.export.export(model, tuple(args), dict(kwargs), strict=False)
+    module = exported.module()
+    graph = module.graph
+    for node in list(graph.nodes):
+        if node.op == "call_module" and not node.users:  # export's input guard
+            graph.erase_node(node)
+    in_spec = pytree.tree_flatten((tuple(args), dict(kwargs)))[1]
+
+    def flatten_inputs(call_args, call_kwargs):
+        leaves, spec = pytree.tree_flatten((tuple(call_args), dict(call_kwargs)))
+        if spec != in_spec:
+            raise TypeError(f"step() was called with a different argument structure than the example: "
+                            f"{spec} vs {in_spec}")
+        return leaves
+
+    params, buffers, constants = _attributes(model, module, graph)
+    out_spec = graph._codegen.pytree_info.out_spec
+    return Traced(graph, "export", flatten_inputs, params, buffers, constants, out_spec)
+
+
+def _attributes(model, traced_module, graph):
+    """Map each get_attr target to the name under which the model lists that parameter or buffer.
+    Anything else read by get_attr is a constant the tracer made (fx's `_tensor_constant0`)."""
+    canonical = {id(p): name for name, p in model.named_parameters()}
+    canonical_buffers = {id(b): name for name, b in model.named_buffers()}
+    params, buffers = {}, {}
+    for node in graph.nodes:
+        if node.op != "get_attr":
+            continue
+        try:
+            value = _fetch_attr(model, node.target)
+        except AttributeError:
+            continue
+        if id(value) in canonical:
+            params[node.target] = canonical[id(value)]
+        elif id(value) in canonical_buffers:
+            buffers[node.target] = canonical_buffers[id(value)]
+    constants = {}
+    for node in graph.nodes:
+        if node.op == "get_attr" and node.target not in params and node.target not in buffers:
+            constants[node.target] = _fetch_attr(traced_module, node.target)
+            buffers[node.target] = node.target
+    return params, buffers, constants
+
+
+def _fetch_attr(module, target: str):
+    for part in target.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else ""
+
+
+def _user_frame(error: Exception) -> str | None:
+    """The innermost traceback frame outside torch: the model line that could not be traced."""
+    torch_dir = os.path.dirname(torch.__file__)
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if not f.filename.startswith(torch_dir)
+              and not f.filename.startswith(os.path.dirname(__file__))]
+    if not frames:
+        return None
+    frame = frames[-1]
+    return f"{frame.filename}:{frame.lineno} in {frame.name} ({(frame.line or '').strip()})"
