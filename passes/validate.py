@@ -112,16 +112,18 @@ def _check_memory(plan: StreamPlan, problems):
     static = schedule.slots * schedule.slot_bytes + schedule.resident_bytes
     released: set[int] = set()
     for instr in plan.instrs:
+        computes = instr.stream == "compute" and instr.op in COMPUTE_OPS
+        if computes:  # what it releases (its kept input) is still in use while it runs
+            now = static + sum(live.values()) + instr.bytes + instr.work_bytes
+            if now > schedule.gpu_mem:
+                problems.append(f"2: {instr.op} of {plan.stage_name(instr.stage)} needs {now} bytes on the "
+                                f"device, over gpu_mem={schedule.gpu_mem}")
         for freed in instr.releases:
             if freed in released or freed not in live:
                 problems.append(f"6: instruction {instr.id} frees {freed}, which holds no allocation")
             released.add(freed)
             live.pop(freed, None)
-        if instr.stream == "compute" and instr.op in COMPUTE_OPS:
-            now = static + sum(live.values()) + instr.bytes + instr.work_bytes
-            if now > schedule.gpu_mem:
-                problems.append(f"2: {instr.op} of {plan.stage_name(instr.stage)} needs {now} bytes on the "
-                                f"device, over gpu_mem={schedule.gpu_mem}")
+        if computes:
             live[instr.id] = instr.bytes  # even 0 bytes: every allocation must be released once
     if live:
         problems.append(f"8: allocations of instructions {sorted(live)} are never freed: the step leaks "

@@ -1,0 +1,147 @@
+"""The public face: plans print, save and load; bad input gets a clear error; the CLI works."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import mtc
+from mtc.cli import main
+from mtc.passes.trace import TraceError
+from models import KwargsLM, llama, mlp_stack, tokens
+
+
+def test_plan_round_trips_through_json_exactly(tmp_path):
+    step = mtc.compile(llama(), gpu_mem="3.5MB", example=tokens(), clip_grad_norm=1.0, device="cpu")
+    path = tmp_path / "plan.json"
+    step.plan.save(path)
+    loaded = mtc.Plan.load(path)
+    assert loaded.to_json() == step.plan.to_json()
+    assert str(loaded) == str(step.plan)
+    assert json.loads(path.read_text())["format"] == "mtc-plan/1"
+
+
+def test_printed_plan_has_one_line_per_instruction_with_stage_slot_and_bytes():
+    plan = mtc.compile(llama(), gpu_mem="3.5MB", example=tokens(), device="cpu").plan
+    text = str(plan)
+    instructions = text.split("\n\n", 1)[1].splitlines()[1:]
+    assert len(instructions) == len(plan.stream_plan.instrs)
+    copy_in = next(line for line in instructions if " copy_in " in line and "layers.3" in line)
+    assert "KiB" in copy_in and "prev.optimizer:layers.3" in copy_in
+    assert "blocks: layers.* (LlamaBlock) x 8" in text
+    assert plan.templates["LlamaBlock"] == [f"layers.{i}" for i in range(8)]
+
+
+def test_gpu_mem_too_small_says_how_many_bytes_are_needed():
+    with pytest.raises(ValueError) as error:
+        mtc.compile(llama(), gpu_mem="1MB", example=tokens(), device="cpu")
+    peak = mtc.plan(llama(), "1GB", tokens(), device="cpu").plan.schedule.peak_bytes
+    assert "gpu_mem=" in str(error.value) and f"needs {mtc.config.format_bytes(peak)} ({peak} bytes)" in str(error.value)
+
+
+@pytest.mark.parametrize("gpu_mem", ["lots", 0, "-3GB"])
+def test_unparseable_gpu_mem_is_rejected_before_any_work(gpu_mem):
+    with pytest.raises(ValueError, match="gpu_mem="):
+        mtc.compile(llama(), gpu_mem=gpu_mem, example=tokens(), device="cpu")
+
+
+class ReturnsLogits(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+def test_a_model_that_returns_no_scalar_loss_is_rejected():
+    with pytest.raises(TypeError, match="scalar"):
+        mtc.compile(ReturnsLogits(), example=(torch.randn(2, 4),), device="cpu")
+
+
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(4, 4)
+
+    def forward(self, x):
+        if x.sum() > 0:  # neither fx nor export can follow a branch on data
+            return self.layer(x).sum()
+        return self.layer(-x).sum()
+
+
+def test_an_untraceable_model_names_the_module_and_the_line():
+    with pytest.raises(TraceError) as error:
+        mtc.compile(DataDependent(), example=(torch.randn(2, 4),), device="cpu")
+    message = str(error.value)
+    assert "DataDependent" in message and "test_api.py:" in message and "if x.sum() > 0" in message
+
+
+def test_a_call_with_another_shape_or_dtype_is_an_error_not_a_recompile():
+    ids, labels = tokens()
+    step = mtc.compile(llama(), gpu_mem="3.5MB", example=(ids, labels), device="cpu")
+    with pytest.raises(ValueError, match=r"'input_ids' is tensor\(2, 9\) int64 but the plan was compiled for tensor\(2, 8\)"):
+        step(*tokens(seq=9))
+    with pytest.raises(ValueError, match="int32"):
+        step(ids.int(), labels)
+    assert step.steps == 0
+
+
+def test_keyword_examples_and_calls():
+    ids, labels = tokens()
+    step = mtc.compile(KwargsLM(), gpu_mem="1MB", example={"input_ids": ids, "labels": labels}, device="cpu")
+    assert torch.isfinite(step(input_ids=ids, labels=labels))
+    with pytest.raises(TypeError):
+        step(input_ids=ids)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"example": "ids"}, "example=str"),
+    ({"example": tokens(), "optimizer": torch.optim.SGD}, "optimizer="),
+    ({"example": tokens(), "clip_grad_norm": -1.0}, "clip_grad_norm=-1.0"),
+    ({"example": tokens(), "device": "tpu"}, "device="),
+])
+def test_bad_arguments_are_named(kwargs, match):
+    with pytest.raises((TypeError, ValueError), match=match):
+        mtc.compile(mlp_stack(), **kwargs)
+
+
+def test_weights_are_streamed_not_resident():
+    step = mtc.compile(llama(), gpu_mem="3.5MB", example=tokens(), device="cpu")
+    engine = step._engine
+    assert len(engine.slots) == 2
+    assert sum(s.numel() * s.element_size() for s in engine.slots) < sum(
+        p.numel() * 4 for _, p in step.named_parameters()) / 3
+    copies = [i for i in step.plan.stream_plan.instrs if i.op == "copy_in"]
+    assert len(copies) == 2 * len(step.plan.schedule.stages) - 1  # twice a step, the loss stage once
+
+
+def test_cli_plans_an_8b_model_without_memory_or_gpu(capsys, tmp_path):
+    path = tmp_path / "8b.json"
+    assert main(["plan", "--preset", "8b", "--gpu-mem", "80GB", "--batch", "4x4096", "--save", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "8,030,261,248 parameters in 34 stages" in out and "cuda bfloat16" in out
+    assert main(["show", str(path)]) == 0
+    assert "copy_in" in capsys.readouterr().out
+
+
+def test_cli_plan_that_does_not_fit_explains_where_the_bytes_go(capsys):
+    assert main(["plan", "--preset", "8b", "--gpu-mem", "24GB", "--batch", "4x4096"]) == 2
+    err = capsys.readouterr().err
+    assert "epilogue" in err and "is too small: this plan needs" in err
+
+
+@pytest.mark.parametrize("argv, match", [(["plan", "--batch", "4by4096"], "--batch='4by4096'"),
+                                         (["plan", "--gpu-mem", "huge"], "--gpu-mem='huge'"),
+                                         (["train", "--steps", "0"], "--steps=0")])
+def test_cli_bad_input(argv, match, capsys):
+    assert main(argv) == 2
+    assert match in capsys.readouterr().err
+
+
+def test_cli_train_runs_the_default_job_and_the_loss_falls(capsys):
+    assert main(["train", "--steps", "30", "--batch", "4x64"]) == 0
+    out = capsys.readouterr().out
+    first, last = (float(x) for x in out.split("loss ")[-1].split(" in ")[0].split(" -> "))
+    assert last < first - 0.5

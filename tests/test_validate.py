@@ -1,0 +1,156 @@
+"""passes/validate: every plan the scheduler makes is valid; broken plans are caught. No GPU, no model."""
+import copy
+import dataclasses
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mtc.codegen.stream_plan import lower, lower_bound_seconds, predicted_step_seconds
+from mtc.config import H100
+from mtc.passes.costs import Costs, StageCost
+from mtc.passes.schedule import MemoryBudgetError, schedule_pass
+from mtc.passes.validate import InvalidPlan, validate
+
+KiB = 1024
+
+
+@st.composite
+def stage_costs(draw, name):
+    params = draw(st.integers(0, 4096))
+    return StageCost(name, "T", params, weight_bytes=2 * params, grad_bytes=4 * params,
+                     saved_bytes=draw(st.integers(0, 64 * KiB)), forward_bytes=draw(st.integers(0, 64 * KiB)),
+                     backward_bytes=draw(st.integers(0, 256 * KiB)), forward_flops=draw(st.integers(0, 10**9)))
+
+
+@st.composite
+def chains(draw):
+    count = draw(st.integers(1, 10))
+    stages = [draw(stage_costs(f"stage{i}")) for i in range(count)]
+    shared = draw(st.none() | stage_costs("shared"))
+    resident = draw(st.integers(0, 8 * KiB)) + (shared.weight_bytes + shared.grad_bytes if shared else 0)
+    return Costs(stages, resident, shared, {}, ("tensor",))
+
+
+def plan_for(costs, gpu_mem=1 << 40, clip=False):
+    return lower(schedule_pass(costs, gpu_mem, clip))
+
+
+@settings(max_examples=300, deadline=None)
+@given(costs=chains(), gpu_mem=st.integers(1, 4 << 20), clip=st.booleans())
+def test_every_plan_the_scheduler_makes_is_valid(costs, gpu_mem, clip):
+    try:
+        plan = plan_for(costs, gpu_mem, clip)
+    except MemoryBudgetError as error:
+        assert error.schedule.peak_bytes > gpu_mem
+        assert str(error.schedule.peak_bytes) in str(error)  # says how many bytes are needed
+        return
+    assert plan.schedule.peak_bytes <= gpu_mem
+    validate(plan, H100)
+
+
+@settings(max_examples=100, deadline=None)
+@given(costs=chains(), clip=st.booleans(), faster=st.sampled_from(
+    ["h2d_bytes_per_s", "d2h_bytes_per_s", "flops_per_s", "optimizer_params_per_s"]))
+def test_more_bandwidth_never_predicts_a_slower_step(costs, clip, faster):
+    plan = plan_for(costs, clip=clip)
+    quicker = dataclasses.replace(H100, **{faster: getattr(H100, faster) * 2})
+    assert predicted_step_seconds(plan, quicker) <= predicted_step_seconds(plan, H100) * (1 + 1e-12)
+    assert predicted_step_seconds(plan, H100) >= lower_bound_seconds(plan, H100) * (1 - 1e-12)
+
+
+@settings(max_examples=50, deadline=None)
+@given(costs=chains())
+def test_more_memory_never_changes_a_feasible_plan_for_the_worse(costs):
+    plan = plan_for(costs)
+    roomier = plan_for(costs, gpu_mem=2 << 40)
+    assert predicted_step_seconds(roomier, H100) <= predicted_step_seconds(plan, H100)
+
+
+def _chain(count=4, shared=False, clip=False):
+    stages = [StageCost(f"stage{i}", "T", 1000, 2000, 4000, 100, 100, 1000, 10**6) for i in range(count)]
+    share = StageCost("shared", "-", 10, 20, 40, 0, 0, 0, 0) if shared else None
+    return plan_for(Costs(stages, 60 if shared else 0, share, {}, ("tensor",)), clip=clip)
+
+
+def _problems(plan) -> list[str]:
+    with pytest.raises(InvalidPlan) as error:
+        validate(plan)
+    return error.value.problems
+
+
+def _first(plan, op, stage=None):
+    return next(i for i in plan.instrs if i.op == op and (stage is None or i.stage == stage))
+
+
+@pytest.mark.parametrize("shared, clip", [(False, False), (True, False), (True, True)])
+def test_the_reference_chain_is_valid(shared, clip):
+    validate(_chain(shared=shared, clip=clip), H100)
+
+
+def test_a_compute_that_does_not_wait_for_its_copy_in_is_rejected():
+    plan = _chain()
+    compute = _first(plan, "forward", 2)
+    compute.waits.remove(compute.reads)
+    assert any(p.startswith("1:") and "before its weights' copy-in" in p for p in _problems(plan))
+
+
+def test_a_copy_in_that_may_overwrite_a_slot_in_use_is_rejected():
+    plan = _chain()
+    copy_in = _first(plan, "copy_in", 2)
+    copy_in.waits.clear()  # no longer waits for the previous reader of its slot
+    assert any("may overwrite slot" in p for p in _problems(plan))
+
+
+def test_forward_out_of_order_is_rejected():
+    plan = _chain()
+    first, second = _first(plan, "forward", 1), _first(plan, "forward", 2)
+    first.stage, second.stage = second.stage, first.stage
+    problems = _problems(plan)
+    assert any(p.startswith("4:") for p in problems)
+    assert any(p.startswith("1:") for p in problems)  # they now read the other stage's weights
+
+
+def test_an_over_budget_slot_is_rejected():
+    plan = _chain()
+    copy_in = _first(plan, "copy_in", 1)
+    compute = _first(plan, "forward", 1)
+    copy_in.slot = compute.slot = plan.schedule.slots  # a third slot in a two-slot plan
+    assert any(p.startswith("2:") and "slots" in p for p in _problems(plan))
+
+
+def test_a_plan_over_gpu_mem_is_rejected():
+    plan = _chain()
+    plan.schedule.gpu_mem = plan.schedule.peak_bytes - 1
+    assert any(p.startswith("2:") and "over gpu_mem" in p for p in _problems(plan))
+
+
+def test_a_wait_on_a_later_instruction_is_rejected():
+    plan = _chain()
+    first = plan.instrs[0]
+    first.waits.append(len(plan.instrs) - 1)
+    assert any(p.startswith("3:") and "deadlock" in p for p in _problems(plan))
+
+
+def test_an_update_before_the_gradient_lands_is_rejected():
+    plan = _chain()
+    _first(plan, "optimizer", 1).waits.clear()
+    assert any("may be updated before its gradient is copied out" in p for p in _problems(plan))
+
+
+def test_a_missing_update_and_a_leak_are_rejected():
+    plan = _chain()
+    copy_of = copy.deepcopy(plan)
+    update = _first(copy_of, "optimizer", 0)
+    update.op = "clip"
+    assert any(p.startswith("7:") for p in _problems(copy_of))
+    free = _first(plan, "free_grad", 0)
+    free.releases = []
+    problems = _problems(plan)
+    assert any(p.startswith("8:") for p in problems) and any(p.startswith("6:") for p in problems)
+
+
+def test_a_copy_in_that_ignores_the_previous_steps_update_is_rejected():
+    plan = _chain(shared=True)
+    _first(plan, "copy_in", -1).waits_prev_step = []
+    assert any("previous step's update" in p for p in _problems(plan))
