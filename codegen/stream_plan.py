@@ -194,3 +194,18 @@ def lower_bound_seconds(plan: StreamPlan, profile: HardwareProfile) -> float:
         busy[instr.stream] += duration(plan, instr, profile)
     return max(busy.values())
 
+
+
+def chrome_trace(plan: StreamPlan, profile: HardwareProfile) -> dict:
+    """The predicted timeline of one steady-state step as a Chrome / Perfetto trace (chrome://tracing)."""
+    timeline = simulate(plan, profile)
+    origin = min(start for start, _ in timeline[2])
+    events = [{"name": "process_name", "ph": "M", "pid": 0, "args": {"name": f"mtc plan on '{profile.name}'"}}]
+    events += [{"name": "thread_name", "ph": "M", "pid": 0, "tid": index, "args": {"name": stream}}
+               for index, stream in enumerate(STREAMS)]
+    for instr, (start, end) in zip(plan.instrs, timeline[2]):
+        if end > start:
+            events.append({"name": f"{instr.op} {plan.stage_name(instr.stage)}", "ph": "X", "pid": 0,
+                           "tid": STREAMS.index(instr.stream), "ts": (start - origin) * 1e6,
+                           "dur": (end - start) * 1e6, "args": {"id": instr.id, "bytes": instr.bytes}})
+    return {"traceEvents": events, "displayTimeUnit": "ms"}

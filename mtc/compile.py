@@ -1,11 +1,13 @@
 """mtc.compile: wire the stages of the pipeline. No algorithm lives here."""
 from __future__ import annotations
 
+import json
+import os
 import time
 
 import torch
 
-from mtc.codegen.stream_plan import lower
+from mtc.codegen.stream_plan import chrome_trace, lower
 from mtc.config import CPU, H100, AdamW, parse_bytes
 from mtc.passes.costs import costs_pass
 from mtc.passes.partition import partition_pass
@@ -74,9 +76,32 @@ def plan(model, gpu_mem="80GB", example=None, clip: bool = False, device=None, c
               "compute_dtype": str(compute_dtype).replace("torch.", ""), "chain": partition.chain,
               "profile": profile.name, "passes": timings,
               "inputs": [_describe(v) for v in inputs]}
-    return Planned(plan=Plan(header, templates, stream_plan), traced=traced, partition=partition, costs=costs,
-                   params=params, buffers=buffers, compute_dtype=compute_dtype, device=device,
-                   input_specs=[_describe(v) for v in inputs], input_names=list(partition.graph_inputs))
+    planned = Planned(plan=Plan(header, templates, stream_plan), traced=traced, partition=partition, costs=costs,
+                      params=params, buffers=buffers, compute_dtype=compute_dtype, device=device,
+                      input_specs=[_describe(v) for v in inputs], input_names=list(partition.graph_inputs))
+    if os.environ.get("MTC_DEBUG"):
+        write_debug_directory(planned, profile)
+    return planned
+
+
+def write_debug_directory(planned: Planned, profile) -> str:
+    """One file per stage of the pipeline, under $MTC_DEBUG_DIR (default ./mtc_debug/<model>-<time>)."""
+    root = os.environ.get("MTC_DEBUG_DIR") or os.path.join(
+        "mtc_debug", f"{planned.plan.header['model']}-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.makedirs(root, exist_ok=True)
+    files = {
+        "graph.txt": str(planned.traced.graph),
+        "blocks.txt": planned.partition.summary() + "\n\n" + "\n\n".join(
+            f"# template {t.name}\n{t.function('meta').code}" for t in planned.partition.templates),
+        "schedule.txt": planned.plan.summary(),
+        "stream_plan.txt": str(planned.plan.stream_plan),
+        "timeline.json": json.dumps(chrome_trace(planned.plan.stream_plan, profile)),
+    }
+    for name, text in files.items():
+        with open(os.path.join(root, name), "w") as f:
+            f.write(text)
+    print(f"mtc: wrote {', '.join(files)} to {root}")
+    return root
 
 
 class Step:
