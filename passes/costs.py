@@ -12,7 +12,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch.utils.flop_counter import FlopCounterMode
 
-from .partition import Partition
+from .partition import Partition, resolve_output
 
 
 class LossError(TypeError):
@@ -79,7 +79,7 @@ def costs_pass(partition: Partition, params: dict[str, torch.Tensor], buffers: d
             saved, profile.peak_forward, profile.saved_total + 2 * profile.largest + own_bytes,
             int(flops.get_total_flops())))
 
-    output = unflatten_output(pytree.tree_map(lambda name: env[name], partition.output))
+    output = unflatten_output(resolve_output(partition.output, env))
     loss, how = find_loss(output)
     if not (loss.dim() == 0 and loss.is_floating_point()):
         raise LossError(f"the model's loss must be a scalar floating-point tensor; got shape "

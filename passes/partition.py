@@ -15,9 +15,19 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 from torch.fx.node import _get_qualified_name
 
 from .trace import Traced
+
+
+class ValueName(str):
+    """The name of a graph value inside the model's output structure (other leaves are constants)."""
+
+
+def resolve_output(output, values: dict):
+    """The model's output structure with every ValueName replaced by its value."""
+    return pytree.tree_map(lambda leaf: values[leaf] if isinstance(leaf, ValueName) else leaf, output)
 
 
 @dataclass
@@ -64,7 +74,7 @@ class Partition:
     templates: list[Template]
     graph_inputs: list[str]
     output: object
-    """The model output as a structure of value names (fx.Node replaced by its name)."""
+    """The model output's structure, with each fx.Node replaced by its ValueName."""
     shared_params: list[str]
     """Parameters read by more than one stage (tied weights): kept resident for the whole step."""
     chain: str
@@ -108,7 +118,7 @@ def partition_pass(traced: Traced) -> Partition:
         stages.append(stage)
 
     shared = sorted(p for p, users in attr_users.items() if len(users) > 1)
-    output = fx.node.map_arg(output_node.args[0], lambda n: n.name)
+    output = fx.node.map_arg(output_node.args[0], lambda n: ValueName(n.name))
     graph_inputs = [n.name for n in graph.nodes if n.op == "placeholder"]
     return Partition(stages, templates, graph_inputs, output, shared, chain)
 

@@ -8,12 +8,11 @@ on a GPU the plan's events become real once the instructions go to their own str
 from __future__ import annotations
 
 import torch
-import torch.utils._pytree as pytree
 
 from mtc.codegen.stream_plan import SHARED, StreamPlan
 from mtc.config import AdamW
 from mtc.passes.costs import find_loss
-from mtc.passes.partition import Partition
+from mtc.passes.partition import Partition, resolve_output
 
 from . import templates
 from .optimizer import adamw_step, clip_by_global_norm
@@ -85,7 +84,7 @@ class Engine:
 
         def loss_of(outputs):
             values = {**self.values, **dict(zip(stage.outputs, outputs))}
-            self.output = self.unflatten_output(pytree.tree_map(lambda name: values[name], self.partition.output))
+            self.output = self.unflatten_output(resolve_output(self.partition.output, values))
             return find_loss(self.output)[0]
 
         self._differentiate(instr, stage, kept, loss_of)

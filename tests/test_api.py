@@ -145,3 +145,30 @@ def test_cli_train_runs_the_default_job_and_the_loss_falls(capsys):
     out = capsys.readouterr().out
     first, last = (float(x) for x in out.split("loss ")[-1].split(" in ")[0].split(" -> "))
     assert last < first - 0.5
+
+
+class DictOutput(nn.Module):
+    """Returns what Hugging Face models return with labels: the loss beside other outputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(128, 16)
+        self.blocks = nn.ModuleList(nn.Linear(16, 16) for _ in range(3))
+        self.head = nn.Linear(16, 128)
+
+    def forward(self, input_ids, labels):
+        h = self.embed(input_ids)
+        for block in self.blocks:
+            h = torch.tanh(block(h))
+        logits = self.head(h)
+        return {"loss": F.cross_entropy(logits.flatten(0, 1), labels.flatten()), "logits": logits, "cache": None}
+
+
+def test_an_output_with_a_loss_entry_trains_on_that_loss():
+    torch.manual_seed(0)
+    model = DictOutput()
+    ids, labels = tokens()
+    expected = model(ids, labels)["loss"].item()
+    step = mtc.compile(model, gpu_mem="1MB", example=(ids, labels), device="cpu")
+    assert float(step(ids, labels)) == pytest.approx(expected, rel=1e-6)
+    assert step.last_output["logits"].shape == (2, 8, 128) and step.last_output["cache"] is None
