@@ -71,7 +71,8 @@ class StreamPlan:
         lines = [f"{'id':>4} {'stream':<8}{'op':<10}{'stage':<18}{'slot':>4} {'bytes':>11}  waits"]
         for instr in self.instrs:
             waits = [f"{self.instrs[w].op}:{self.stage_name(self.instrs[w].stage)}" for w in instr.waits]
-            waits += [f"prev.{self.instrs[w].op}:{self.stage_name(self.instrs[w].stage)}" for w in instr.waits_prev_step]
+            waits += [f"prev.{self.instrs[w].op}:{self.stage_name(self.instrs[w].stage)}"
+                      for w in instr.waits_prev_step]
             slot = "-" if instr.slot is None else str(instr.slot)
             size = format_bytes(instr.bytes) if instr.bytes else "-"
             lines.append(f"{instr.id:>4} {instr.stream:<8}{instr.op:<10}{self.stage_name(instr.stage):<18}"

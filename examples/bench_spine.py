@@ -57,7 +57,8 @@ def correctness(device) -> dict:
         optimizer.step()
         reference_losses.append(loss.item())
     mine = dict(step.named_parameters())
-    param_error = max(float((mine[n] - p.detach().cpu()).abs().max() / p.detach().abs().max()) for n, p in reference.named_parameters())
+    param_error = max(float((mine[n] - p.detach().cpu()).abs().max() / p.detach().abs().max())
+                      for n, p in reference.named_parameters())
     loss_error = max(abs(a - b) / abs(b) for a, b in zip(losses, reference_losses))
     bf16_error = max(abs(a - b) / abs(b) for a, b in zip(bf16_losses, reference_losses))
     return {"fp32_loss_rel_error": loss_error, "fp32_param_rel_error": param_error,
@@ -103,15 +104,8 @@ def time_steps(run, steps: int) -> list[float]:
     return times
 
 
-def timing(preset: str, shape: tuple[int, int], device, steps: int) -> dict:
-    torch.manual_seed(0)
-    model = models.build(preset)
-    params = models.parameter_count(model)
-    data = [batch(model.head.weight.shape[0], shape, i, "cpu") for i in range(steps + 1)]
-    tokens = shape[0] * shape[1]
-    result = {"preset": preset, "batch": f"{shape[0]}x{shape[1]}", "params": params}
-
-    # Ceiling: the whole model GPU-resident, fp32 master, bf16 autocast, fused AdamW on the GPU.
+def time_eager(model, data, device, steps: int, tokens: int) -> dict:
+    """The ceiling: the whole model GPU-resident, fp32 master, bf16 autocast, fused AdamW on the GPU."""
     resident = copy.deepcopy(model).to(device)
     optimizer = torch.optim.AdamW(resident.parameters(), lr=1e-4, fused=True)
     feed = iter(data * 2)
@@ -126,11 +120,20 @@ def timing(preset: str, shape: tuple[int, int], device, steps: int) -> dict:
         optimizer.zero_grad(set_to_none=True)
 
     torch.cuda.reset_peak_memory_stats()
-    eager = time_steps(eager_step, steps + 1)[1:]
-    result["eager_step_s"] = statistics.median(eager)
-    result["eager_tokens_per_s"] = tokens / result["eager_step_s"]
-    result["eager_peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
-    del resident, optimizer
+    step_s = statistics.median(time_steps(eager_step, steps + 1)[1:])
+    return {"eager_step_s": step_s, "eager_tokens_per_s": tokens / step_s,
+            "eager_peak_gpu_bytes": torch.cuda.max_memory_allocated()}
+
+
+def timing(preset: str, shape: tuple[int, int], device, steps: int) -> dict:
+    torch.manual_seed(0)
+    model = models.build(preset)
+    params = models.parameter_count(model)
+    data = [batch(model.head.weight.shape[0], shape, i, "cpu") for i in range(steps + 1)]
+    tokens = shape[0] * shape[1]
+    result = {"preset": preset, "batch": f"{shape[0]}x{shape[1]}", "params": params}
+
+    result.update(time_eager(model, data, device, steps, tokens))
     torch.cuda.empty_cache()
 
     started = time.perf_counter()
@@ -148,7 +151,28 @@ def timing(preset: str, shape: tuple[int, int], device, steps: int) -> dict:
     result["ratio_to_eager"] = result["mtc_tokens_per_s"] / result["eager_tokens_per_s"]
     result["model_tflops_mtc"] = 6 * params * tokens / result["mtc_step_s"] / 1e12
     result["peak_host_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    result["mtc_seconds_by_op"] = seconds_by_op(step, data[0])
     return result
+
+
+def seconds_by_op(step, inputs) -> dict:
+    """Where one in-order step's time goes: each instruction timed with the device synchronised."""
+    engine, totals = step._engine, {}
+    for op in {i.op for i in step.plan.stream_plan.instrs}:
+        original = getattr(engine, "_" + op)
+
+        def timed(instr, original=original, op=op):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            original(instr)
+            torch.cuda.synchronize()
+            totals[op] = totals.get(op, 0.0) + time.perf_counter() - start
+
+        setattr(engine, "_" + op, timed)
+    step(*inputs)
+    for op in totals:
+        delattr(engine, "_" + op)
+    return totals
 
 
 def main():
@@ -176,7 +200,9 @@ def main():
           f"{t['eager_peak_gpu_bytes'] / 2**30:>14.2f}")
     print(f"{'mtc spine (no overlap)':<26}{t['mtc_step_s']:>9.3f}{t['mtc_tokens_per_s']:>11,.0f}"
           f"{t['mtc_peak_gpu_bytes'] / 2**30:>14.2f}")
-    print(f"mtc / eager = {t['ratio_to_eager']:.3f}; predicted mtc step (overlapped plan) {t['mtc_predicted_step_s']:.3f} s")
+    print("mtc step by op (s): " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(t["mtc_seconds_by_op"].items())))
+    print(f"mtc / eager = {t['ratio_to_eager']:.3f}; "
+          f"predicted mtc step (overlapped plan) {t['mtc_predicted_step_s']:.3f} s")
 
 
 if __name__ == "__main__":

@@ -48,8 +48,10 @@ def _model_arguments(parser, batch: str, gpu_mem: str):
     parser.add_argument("--preset", default="tiny", choices=sorted(models.PRESETS),
                         help="model shape (default tiny)")
     parser.add_argument("--batch", default=batch, help=f"sequences x tokens per step (default {batch})")
-    parser.add_argument("--gpu-mem", default=gpu_mem, help=f"device memory budget, e.g. 24GB, 80GiB (default {gpu_mem})")
-    parser.add_argument("--clip", type=float, default=1.0, help="clip gradients to this global norm (default 1.0; 0: off)")
+    parser.add_argument("--gpu-mem", default=gpu_mem,
+                        help=f"device memory budget, e.g. 24GB, 80GiB (default {gpu_mem})")
+    parser.add_argument("--clip", type=float, default=1.0,
+                        help="clip gradients to this global norm (default 1.0; 0: off)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
 
 

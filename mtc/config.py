@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -56,9 +56,6 @@ class AdamW:
                 raise ValueError(f"AdamW {name}={value!r} is not valid; expected {accepted}")
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
 
-    def to_json(self) -> dict:
-        return asdict(self)
-
 
 @dataclass(frozen=True)
 class HardwareProfile:
@@ -73,9 +70,6 @@ class HardwareProfile:
     """Sustained matrix-multiply rate in the compute dtype."""
     optimizer_params_per_s: float
     """CPU AdamW rate while copies and GEMMs run beside it."""
-
-    def to_json(self) -> dict:
-        return asdict(self)
 
 
 # Measured on one H100 80GB box (DESIGN.md, "Numbers that bound the design"): the contended rates.

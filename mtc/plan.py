@@ -57,7 +57,7 @@ class Plan:
         lines = [
             f"mtc plan · {h['model']} · traced by {h['tracer']} · {h['device']} {h['compute_dtype']} · "
             f"gpu_mem {format_bytes(schedule.gpu_mem)}",
-            f"passes: " + ", ".join(f"{name} {seconds * 1e3:.0f} ms" for name, seconds in h["passes"].items()),
+            "passes: " + ", ".join(f"{name} {seconds * 1e3:.0f} ms" for name, seconds in h["passes"].items()),
             f"{params:,} parameters in {len(schedule.stages)} stages; blocks: {h['chain']}",
             stage_table(stages),
         ]

@@ -5,7 +5,7 @@ its parameters, and which values between stages carry gradients.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
@@ -37,9 +37,6 @@ class StageCost:
     """Peak transient bytes while the stage is recomputed and differentiated (upper estimate:
     every non-view intermediate saved, plus the two largest gradients in flight and weight grads)."""
     forward_flops: int
-
-    def to_json(self) -> dict:
-        return asdict(self)
 
 
 @dataclass

@@ -35,11 +35,17 @@ class Schedule:
     shared: StageCost | None
     """Weights read by several stages: resident for the whole step, one copy-in and one update."""
     uses: list[Use]
+    """Every time a stage's weights are needed, in order, with the slot that holds them."""
     slots: int
+    """Weight slots on the device (k)."""
     slot_bytes: int
+    """Bytes of one slot: the largest stage's weights."""
     resident_bytes: int
+    """Shared weights and their gradient, and the buffers: on the device all step."""
     gpu_mem: int
+    """The budget the plan was made for."""
     clip: bool
+    """Whether updates wait for the global gradient norm (after the whole backward)."""
     peak_bytes: int
     """Largest predicted device footprint over the step."""
 
