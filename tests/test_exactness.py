@@ -2,7 +2,11 @@
 import pytest
 import torch
 
-from models import (BatchNormLM, KwargsLM, assert_same_training, gpt2, llama, mlp_stack, run_both)
+import mtc
+from mtc.passes import trace
+
+from models import (BatchNormLM, KwargsLM, assert_same_training, gpt2, llama, mlp_stack, run_both,
+                    tokens)
 
 # Budgets chosen so that the whole model does not fit: only 2-3 stages' weights at once.
 CASES = {"llama": (llama, "3.5MB"), "gpt2": (gpt2, "4.5MB"), "mlp_stack": (mlp_stack, "100KB")}
@@ -55,3 +59,21 @@ def test_running_statistics_update_once_per_step():
             torch.testing.assert_close(step._store.buffers[name], expected, rtol=1e-5, atol=1e-7)
         if name.endswith("num_batches_tracked"):
             assert int(step._store.buffers[name]) == 5
+
+
+def test_fx_and_export_give_the_same_partition_and_the_same_training(monkeypatch):
+    torch.manual_seed(0)
+    model = llama()
+    by_fx = mtc.plan(model, "3.5MB", tokens(), device="cpu").partition
+    monkeypatch.setattr(trace, "_trace_fx", _refuse)
+    by_export = mtc.plan(model, "3.5MB", tokens(), device="cpu").partition
+    assert [s.name for s in by_export.stages] == [s.name for s in by_fx.stages]
+    assert [s.params for s in by_export.stages] == [s.params for s in by_fx.stages]
+    assert [s.template.name for s in by_export.stages] == [s.template.name for s in by_fx.stages]
+    step, reference, losses, reference_losses = run_both(model, "3.5MB")
+    assert step.plan.header["tracer"] == "export"
+    assert_same_training(step, reference, losses, reference_losses)
+
+
+def _refuse(*args):
+    raise TypeError("fx switched off for this test")
