@@ -25,7 +25,7 @@ class Engine:
                  unflatten_output):
         self.plan, self.partition, self.store = plan, partition, store
         self.grad_inputs, self.optimizer, self.clip_grad_norm = grad_inputs, optimizer, clip_grad_norm
-        self.device, self.dtype, self.unflatten_output = device, compute_dtype, unflatten_output
+        self.device, self.unflatten_output = device, unflatten_output
         slot_numel = max(g.numel for g in store.groups)
         # The slot arena: the only weight memory on the device besides the resident shared group.
         self.slots = [torch.empty(slot_numel, dtype=compute_dtype, device=device) for _ in range(plan.schedule.slots)]
