@@ -48,6 +48,11 @@ class _ThroughEveryModule(fx.Tracer):
 
 
 def trace_pass(model: torch.nn.Module, args: tuple, kwargs: dict) -> Traced:
+    signature = inspect.signature(model.forward)
+    try:  # a wrong example is the user's mistake, not the tracers': say so before either tries
+        signature.bind(*args, **kwargs)
+    except TypeError as error:
+        raise TypeError(f"example does not match {type(model).__name__}.forward{signature}: {error}") from None
     try:
         return _trace_fx(model, args, kwargs)
     except Exception as fx_error:  # fx fails on shape-dependent Python, **kwargs, ...

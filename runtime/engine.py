@@ -96,7 +96,7 @@ class Engine:
     def _differentiate(self, instr, stage, kept, loss_of):
         output_grads = [self.grads.pop(name, None) for name in stage.outputs]
         carries = [self.grad_inputs.get(name, False) for name in stage.inputs]
-        input_grads, weight_grads, loss, _ = templates.backward(
+        input_grads, weight_grads, loss = templates.backward(
             self.functions[instr.stage], self._weights(instr), self._buffers(stage), kept, carries,
             output_grads, self.device, loss_of)
         if loss is not None:

@@ -47,18 +47,23 @@ def backward(fn, weights: list, buffers: list, kept: Kept, carries_grad: list[bo
     found in the outputs and differentiated instead, and the forward is not a replay.
     """
     replay = loss_of is None
-    if replay:
-        now = _rng_state(device)
-        _set_rng_state(kept.rng, device)
-        if kept.mutates_buffers:  # running statistics were updated by the forward: not again
-            buffers = [b.clone() for b in buffers]
     leaves_w = [w.detach().requires_grad_(w.is_floating_point()) for w in weights]
     leaves_x = [x.detach().requires_grad_(flag) if isinstance(x, torch.Tensor) else x
                 for x, flag in zip(kept.inputs, carries_grad)]
-    with torch.enable_grad():
-        outputs = fn(*leaves_w, *buffers, *leaves_x)
     if replay:
-        _set_rng_state(now, device)
+        if kept.mutates_buffers:  # running statistics were updated by the forward: not again
+            buffers = [b.clone() for b in buffers]
+        now = _rng_state(device)
+        _set_rng_state(kept.rng, device)
+        try:
+            with torch.enable_grad():
+                outputs = fn(*leaves_w, *buffers, *leaves_x)
+        finally:  # the step's own random stream goes on as if no replay had happened
+            _set_rng_state(now, device)
+    else:
+        with torch.enable_grad():
+            outputs = fn(*leaves_w, *buffers, *leaves_x)
+    if replay:
         pairs = [(o, g) for o, g in zip(outputs, output_grads)
                  if g is not None and isinstance(o, torch.Tensor) and o.requires_grad]
         loss = None
@@ -71,4 +76,4 @@ def backward(fn, weights: list, buffers: list, kept: Kept, carries_grad: list[bo
     by_leaf = {id(t): next(grads) for t in wrt}
     weight_grads = [by_leaf.get(id(w)) for w in leaves_w]
     input_grads = [by_leaf.get(id(x)) if isinstance(x, torch.Tensor) else None for x in leaves_x]
-    return input_grads, weight_grads, (loss.detach() if loss is not None else None), outputs
+    return input_grads, weight_grads, (loss.detach() if loss is not None else None)

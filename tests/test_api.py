@@ -100,6 +100,7 @@ def test_keyword_examples_and_calls():
 
 @pytest.mark.parametrize("kwargs, match", [
     ({"example": "ids"}, "example=str"),
+    ({"example": tokens()[:1]}, r"example does not match MLPStack.forward\(input_ids.*missing a required argument: 'labels'"),
     ({"example": tokens(), "optimizer": torch.optim.SGD}, "optimizer="),
     ({"example": tokens(), "clip_grad_norm": -1.0}, "clip_grad_norm=-1.0"),
     ({"example": tokens(), "device": "tpu"}, "device="),
