@@ -110,7 +110,7 @@ def lower(schedule: Schedule) -> StreamPlan:
             released = [forward_of[use.stage].id] if use.phase == "backward" else []
             kept_input = stage.saved_bytes if use.phase == "loss" else 0
             compute = emit("compute", use.phase, use.stage, slot=use.slot, waits=waits, reads=copy_in.id,
-                           bytes=stage.grad_bytes, releases=released,
+                           bytes=schedule.slot_bytes, releases=released,
                            work_bytes=stage.backward_bytes + kept_input)
             copy_out = emit("d2h", "copy_out", use.stage, bytes=stage.grad_bytes, waits=[compute.id])
             copy_outs.append(copy_out)
@@ -132,11 +132,18 @@ def lower(schedule: Schedule) -> StreamPlan:
             optimizers[SHARED] = emit("cpu", "optimizer", SHARED, waits=[copy_out.id])
     if schedule.clip:
         clip = emit("cpu", "clip", None, waits=[c.id for c in copy_outs])
-        for copy_out in copy_outs:
-            optimizers[copy_out.stage] = emit("cpu", "optimizer", copy_out.stage, waits=[clip.id])
+        # Updated in the order the next step's forward reads them: it waits for each in turn.
+        for stage in sorted((c.stage for c in copy_outs), key=lambda s: (s != SHARED, s)):
+            optimizers[stage] = emit("cpu", "optimizer", stage, waits=[clip.id])
+    first_copy_in = {}
     for instr in instrs:
         if instr.op == "copy_in":
             instr.waits_prev_step = [optimizers[instr.stage].id]
+            if instr.slot is not None:
+                first_copy_in.setdefault(instr.slot, instr)
+    # A slot's first copy of a step overwrites what the previous step's last reader of it read.
+    for slot, copy_in in first_copy_in.items():
+        copy_in.waits_prev_step.append(last_reader[slot].id)
     return StreamPlan(schedule, instrs)
 
 

@@ -19,6 +19,27 @@ def _loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.view(-1))
 
 
+def init_weights(module: nn.Module) -> None:
+    """Initialise one module's own parameters and buffers (not its children's).
+
+    The models apply it to every module; mtc.compile(..., init=init_weights) applies it block by block
+    to a model built on the meta device. nn.init is a no-op on meta tensors.
+    """
+    # Small weights: with GPT-2's tied head, nn.Embedding's default N(0, 1) would give huge initial
+    # logits (a loss near 40 instead of ln(vocab)).
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
+    elif isinstance(module, RMSNorm):
+        nn.init.ones_(module.weight)
+    elif isinstance(module, nn.LayerNorm):
+        module.reset_parameters()
+    elif isinstance(module, Llama):
+        with torch.no_grad():
+            module.inv_freq.copy_(rope_inv_freq(module.cfg.hidden // module.cfg.heads, module.cfg.rope_theta))
+
+
 # --------------------------------------------------------------------------- Llama
 
 
@@ -139,15 +160,7 @@ class Llama(nn.Module):
         # Derived from the config, so it need not be saved in checkpoints.
         inv_freq = rope_inv_freq(cfg.hidden // cfg.heads, cfg.rope_theta)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        # nn.init is a no-op on meta tensors, so this also runs under torch.device("meta").
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        elif isinstance(module, RMSNorm):
-            nn.init.ones_(module.weight)
+        self.apply(init_weights)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         h = self.embed(input_ids)
@@ -244,16 +257,7 @@ class GPT2(nn.Module):
         self.head = nn.Linear(cfg.hidden, cfg.vocab_size, bias=False)
         # Tied: the output head shares the token embedding's storage and gradient.
         self.head.weight = self.wte.weight
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        # Small weights: with the tied head, nn.Embedding's default N(0, 1) would give
-        # huge initial logits (a loss near 40 instead of ln(vocab)).
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
+        self.apply(init_weights)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)

@@ -20,20 +20,31 @@ from mtc.runtime.store import StateStore
 
 
 def compile(model: torch.nn.Module, gpu_mem="80GB", example=None, optimizer: AdamW | None = None,
-            clip_grad_norm: float | None = None, device=None, compute_dtype: torch.dtype | None = None) -> "Step":
-    """Plan and build a streamed training step for `model`, called exactly as `example` calls it."""
+            clip_grad_norm: float | None = None, device=None, compute_dtype: torch.dtype | None = None,
+            init=None, cpu_threads: int | None = None, progress: bool = True) -> "Step":
+    """Plan and build a streamed training step for `model`, called exactly as `example` calls it.
+
+    A model built on the meta device is initialised block by block straight into the host store:
+    `init(module)` initialises one module's own parameters and buffers (default: its
+    reset_parameters()). cpu_threads: threads for the CPU optimizer (default: all cores but two).
+    """
     device = _device(device)
     optimizer = optimizer if optimizer is not None else AdamW()
     if not isinstance(optimizer, AdamW):
         raise TypeError(f"optimizer={optimizer!r} is not supported; pass mtc.AdamW(lr=..., ...)")
     if clip_grad_norm is not None and not (isinstance(clip_grad_norm, (int, float)) and clip_grad_norm > 0):
         raise ValueError(f"clip_grad_norm={clip_grad_norm!r} is not valid; expected None or a number > 0")
+    if cpu_threads is not None and not (isinstance(cpu_threads, int) and cpu_threads >= 1):
+        raise ValueError(f"cpu_threads={cpu_threads!r} is not valid; expected None or an integer >= 1")
+    if init is not None and not callable(init):
+        raise TypeError(f"init={init!r} is not callable; expected None or a function init(module)")
     planned = plan(model, gpu_mem, example, clip=clip_grad_norm is not None, device=device,
                    compute_dtype=compute_dtype)
     store = StateStore([s.params for s in planned.partition.stages], planned.partition.shared_params,
-                       planned.params, planned.buffers, planned.compute_dtype, device)
+                       planned.params, planned.buffers, planned.compute_dtype, device, model=model, init=init,
+                       progress=progress)
     engine = Engine(planned.plan.stream_plan, planned.partition, store, planned.costs.grad_inputs, optimizer,
-                    clip_grad_norm, device, planned.compute_dtype, planned.traced.unflatten_output)
+                    clip_grad_norm, device, planned.compute_dtype, planned.traced.unflatten_output, cpu_threads)
     return Step(planned, store, engine)
 
 
@@ -123,12 +134,19 @@ class Step:
         return loss
 
     def named_parameters(self):
-        """(name, fp32 master weight) for every parameter, under the model's own names."""
+        """(name, fp32 master weight) for every parameter, under the model's own names, once every
+        update issued so far has landed."""
+        self.synchronize()
         return self._store.named_parameters()
+
+    def synchronize(self) -> None:
+        """Wait for the device and the CPU optimizer to finish every step issued so far."""
+        self._engine.synchronize()
 
     @property
     def last_grad_norm(self) -> float | None:
         """The global gradient norm before clipping, when clip_grad_norm is set."""
+        self.synchronize()
         return self._engine.last_grad_norm
 
 

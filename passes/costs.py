@@ -28,7 +28,7 @@ class StageCost:
     weight_bytes: int
     """Bytes of those weights in the compute dtype: one copy-in."""
     grad_bytes: int
-    """Bytes of their fp32 gradient: one copy-out."""
+    """Bytes of their gradient in the compute dtype: one copy-out."""
     saved_bytes: int
     """Bytes of the stage's tensor inputs, kept from its forward until its backward recomputes it."""
     forward_bytes: int
@@ -69,7 +69,7 @@ def costs_pass(partition: Partition, params: dict[str, torch.Tensor], buffers: d
         env.update(zip(stage.outputs, outputs))
         own = [p for p in stage.params if p not in shared]
         own_bytes = sum(weights[p].nbytes for p in own)
-        grad_bytes = sum(weights[p].numel() * 4 for p in own)
+        grad_bytes = own_bytes  # in the compute dtype until it reaches the host
         saved = sum(t.nbytes for t in stage_inputs if isinstance(t, torch.Tensor))
         results.append(StageCost(
             stage.name, stage.template.name, sum(weights[p].numel() for p in own), own_bytes, grad_bytes,

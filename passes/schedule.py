@@ -1,7 +1,7 @@
 """schedule: stage costs + gpu_mem -> which stage's weights sit in which slot, in what order.
 
-First version, a fixed plan (the solver comes later): k = 2 weight slots, the next stage prefetched
-while the current one computes, every stage's boundary input kept on the device, and each stage's
+A fixed plan (the solver comes later): k weight slots, as many as fit up to MAX_SLOTS, so copies run
+up to k - 1 stages ahead of compute, every stage's boundary input kept on the device, and each stage's
 internals recomputed in its backward while its weights are resident (weights cross twice a step).
 """
 from __future__ import annotations
@@ -59,18 +59,33 @@ class Schedule:
                       "uses": [Use(**u) for u in data["uses"]]})
 
 
-def schedule_pass(costs: Costs, gpu_mem: int, clip: bool, slots: int = 2) -> Schedule:
+MAX_SLOTS = 4
+"""Prefetch up to three stages ahead: enough to absorb a stage whose copy outlasts its compute (an
+embedding or output head in forward) without holding a large share of the device for weights."""
+
+
+def schedule_pass(costs: Costs, gpu_mem: int, clip: bool, slots: int | None = None) -> Schedule:
+    """The fixed plan with the most weight slots (up to MAX_SLOTS, or exactly `slots`) that fits gpu_mem."""
+    count = len(costs.stages)
+    candidates = [slots] if slots else range(min(MAX_SLOTS, count), 0, -1)
+    for k in candidates:
+        schedule = _fixed_plan(costs, gpu_mem, clip, max(1, min(k, count)))
+        if schedule.peak_bytes <= gpu_mem:
+            return schedule
+    return _fixed_plan(costs, gpu_mem, clip, max(1, min(candidates[-1], count)), check=True)  # raises
+
+
+def _fixed_plan(costs: Costs, gpu_mem: int, clip: bool, slots: int, check: bool = False) -> Schedule:
     stages = costs.stages
     count = len(stages)
     order = ([(i, "forward") for i in range(count - 1)] + [(count - 1, "loss")]
              + [(i, "backward") for i in reversed(range(count - 1))])
-    slots = max(1, min(slots, count))
     uses = [Use(stage, phase, index % slots) for index, (stage, phase) in enumerate(order)]
     slot_bytes = max(s.weight_bytes for s in stages)
     schedule = Schedule(stages, costs.shared, uses, slots, slot_bytes, costs.resident_bytes, gpu_mem, clip, 0)
     peak, where = peak_memory(schedule)
     schedule.peak_bytes = peak
-    if peak > gpu_mem:
+    if check and peak > gpu_mem:
         raise MemoryBudgetError(
             f"gpu_mem={format_bytes(gpu_mem)} ({gpu_mem} bytes) is too small: this plan needs "
             f"{format_bytes(peak)} ({peak} bytes) at its peak, in the {where}; that is {slots} weight slots of "
@@ -89,8 +104,9 @@ def peak_memory(schedule: Schedule) -> tuple[int, str]:
             kept += stage.saved_bytes
             now = static + kept + stage.forward_bytes
         else:
-            # A stage's gradient buffer lives until its copy-out is done, i.e. during the next backward.
-            grads_in_flight = grads_in_flight[-1:] + [stage.grad_bytes]
+            # A gradient buffer (slot-sized, reused) lives until its copy-out is done, i.e. during the next
+            # backward.
+            grads_in_flight = grads_in_flight[-1:] + [schedule.slot_bytes]
             own_input = stage.saved_bytes if use.phase == "loss" else 0  # the loss stage keeps nothing
             now = static + kept + own_input + stage.backward_bytes + sum(grads_in_flight)
             if use.phase == "backward":

@@ -41,7 +41,12 @@ class Traced:
 
 
 class _ThroughEveryModule(fx.Tracer):
-    """Trace into torch.nn modules too, so every weight appears as a get_attr node."""
+    """Trace into torch.nn modules too, so every weight appears as a get_attr node; buffers too, so that
+    arithmetic on a buffer is traced rather than folded into a constant computed from today's value."""
+
+    def __init__(self):
+        super().__init__(param_shapes_constant=False)
+        self.proxy_buffer_attributes = True
 
     def is_leaf_module(self, module, qualified_name):
         return False

@@ -94,6 +94,13 @@ def _check_slots(plan: StreamPlan, before, problems):
             if not (_ordered(before, other.id, load.id) or _ordered(before, compute.id, other.id)):
                 problems.append(f"1: copy-in {other.id} ({plan.stage_name(other.stage)}) may overwrite slot "
                                 f"{compute.slot} while {name} reads it")
+    # Across steps: a slot's first copy-in must wait for the previous step's last reader of that slot.
+    for slot in slots:
+        first = next(i for i in copy_ins if i.slot == slot)
+        last = [i for i in plan.instrs if i.op in COMPUTE_OPS and i.slot == slot][-1:]
+        if last and last[0].id not in first.waits_prev_step:
+            problems.append(f"1: copy-in {first.id} may overwrite slot {slot} while the previous step's "
+                            f"{last[0].op} of {plan.stage_name(last[0].stage)} reads it")
     shared_in = [i for i in plan.instrs if i.op == "copy_in" and i.stage == SHARED]
     if plan.schedule.shared:
         if len(shared_in) != 1:

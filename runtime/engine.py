@@ -1,11 +1,23 @@
 """engine: execute a StreamPlan against the state store.
 
 The device holds only `k` weight slots (flat buffers of the compute dtype), the resident shared
-weights and buffers, the kept boundary activations and one stage's working set. This first engine
-issues every instruction in plan order on the current stream; on the CPU that is the whole story,
-on a GPU the plan's events become real once the instructions go to their own streams.
+weights and buffers, the kept boundary activations, two gradient buffers and one stage's working set:
+all allocated in the first step and reused after it.
+
+On a GPU each instruction goes to its plan stream (copy-in and copy-out on streams of their own,
+compute on the caller's current stream), ordered across streams only by CUDA events; the main thread
+never waits for the GPU. The plan's cpu-stream instructions (clipping, AdamW) run in order on one
+worker thread, which waits for a gradient's copy-out event before updating it. The only host-side
+wait on the main thread is a copy-in waiting for the update of the weights it copies (the previous
+step's optimizer). On the CPU the same code runs with the streams as plain calls.
 """
 from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from contextlib import nullcontext
 
 import torch
 
@@ -15,42 +27,176 @@ from mtc.passes.costs import find_loss
 from mtc.passes.partition import Partition, resolve_output
 
 from . import templates
-from .optimizer import adamw_step, clip_by_global_norm
+from .optimizer import adamw_step, clip_coefficient, parameter_norms, scratch_for
 from .store import Group, StateStore
+
+
+def default_cpu_threads() -> int:
+    """Cores for the CPU optimizer: all but two, which the launch and copy threads need."""
+    return max(1, (os.cpu_count() or 1) - 2)
+
+
+class Worker:
+    """One thread running the plan's cpu-stream instructions, in the order they are submitted."""
+
+    def __init__(self):
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.done: dict[int, int] = {}
+        """instruction id -> the last step in which it completed."""
+        self.condition = threading.Condition()
+        self.error: BaseException | None = None
+        self.pending = 0
+        self.thread = threading.Thread(target=self._run, name="mtc-optimizer", daemon=True)
+        self.thread.start()
+
+    def submit(self, instr_id: int, step: int, work) -> None:
+        with self.condition:
+            self.pending += 1
+        self.queue.put((instr_id, step, work))
+
+    def _run(self) -> None:
+        while True:
+            instr_id, step, work = self.queue.get()
+            try:
+                if self.error is None:  # after a failure nothing more is updated: the error surfaces first
+                    work()
+            except BaseException as error:  # noqa: BLE001 - handed to the main thread
+                self.error = error
+            with self.condition:
+                self.done[instr_id] = step
+                self.pending -= 1
+                self.condition.notify_all()
+
+    def wait(self, instr_id: int, step: int) -> None:
+        with self.condition:
+            self.condition.wait_for(lambda: self.done.get(instr_id, -1) >= step or self.error is not None)
+        self.raise_error()
+
+    def drain(self) -> None:
+        with self.condition:
+            self.condition.wait_for(lambda: self.pending == 0)
+        self.raise_error()
+
+    def raise_error(self) -> None:
+        if self.error is not None:
+            raise RuntimeError("the CPU optimizer failed; the training state may be partly updated") from self.error
 
 
 class Engine:
     def __init__(self, plan: StreamPlan, partition: Partition, store: StateStore, grad_inputs: dict[str, bool],
                  optimizer: AdamW, clip_grad_norm: float | None, device: torch.device, compute_dtype: torch.dtype,
-                 unflatten_output):
+                 unflatten_output, cpu_threads: int | None = None):
         self.plan, self.partition, self.store = plan, partition, store
         self.grad_inputs, self.optimizer, self.clip_grad_norm = grad_inputs, optimizer, clip_grad_norm
-        self.device, self.unflatten_output = device, unflatten_output
-        slot_numel = max(g.numel for g in store.groups)
+        self.device, self.compute_dtype, self.unflatten_output = device, compute_dtype, unflatten_output
+        self.cuda = device.type == "cuda"
+        self.cpu_threads = cpu_threads or default_cpu_threads()
+        if self.cuda:
+            torch.set_num_threads(self.cpu_threads)
+            self.side_streams = {"h2d": torch.cuda.Stream(device), "d2h": torch.cuda.Stream(device)}
+            # Two sets of events, by step parity: a wait on the previous step's event stays valid while
+            # this step records its own.
+            self.events = [[torch.cuda.Event() for _ in plan.instrs] for _ in range(2)]
+            total = torch.cuda.get_device_properties(device).total_memory
+            # gpu_mem is a promise: the caching allocator refuses to grow past it.
+            torch.cuda.set_per_process_memory_fraction(min(1.0, plan.schedule.gpu_mem / total), device)
+        self.slot_numel = max(g.numel for g in store.groups)
         # The slot arena: the only weight memory on the device besides the resident shared group.
-        self.slots = [torch.empty(slot_numel, dtype=compute_dtype, device=device) for _ in range(plan.schedule.slots)]
+        self.slots = [torch.empty(self.slot_numel, dtype=compute_dtype, device=device)
+                      for _ in range(plan.schedule.slots)]
         self.slot_holds = [None] * len(self.slots)
+        self.grad_pool: list[torch.Tensor] = []
         self.shared_weights = self.shared_grad = None
         if store.shared:
             self.shared_weights = torch.empty(store.shared.numel, dtype=compute_dtype, device=device)
             self.shared_grad = torch.zeros(store.shared.numel, dtype=torch.float32, device=device)
         self.functions = [stage.template.function(device) for stage in partition.stages]
+        self.worker = Worker()
+        self.scratch = scratch_for(store.all_groups())
+        self.clip_host = torch.zeros(2, dtype=torch.float32, pin_memory=self.cuda)
+        self.clip_coef = None
         self.last_grad_norm = None
+        self.step_index = 0
+        self.marks = None
+        """While tracing: (step, instruction id) -> (start, end) as CUDA events or perf_counter seconds."""
 
     # -- one step ---------------------------------------------------------------------------------
     def step(self, flat_inputs: list):
+        """Issue one step; returns (loss, output) as soon as the work is queued."""
+        self.worker.raise_error()
+        self.parity = self.step_index % 2
+        self.compute = torch.cuda.current_stream(self.device) if self.cuda else None
         self.values = {name: (v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
                        for name, v in zip(self.partition.graph_inputs, flat_inputs)}
-        self.grads, self.kept, self.grad_buffers = {}, {}, {}
+        self.grads, self.kept, self.grad_of, self.norms = {}, {}, {}, {}
         self.loss = self.output = None
         if self.shared_grad is not None:
+            self._wait_previous_shared_copy_out()
             self.shared_grad.zero_()
         for instr in self.plan.instrs:
-            getattr(self, "_" + instr.op)(instr)
+            self._issue(instr)
         loss, output = self.loss, self.output
-        del self.values, self.grads, self.kept, self.grad_buffers, self.output
+        del self.values, self.grads, self.kept, self.grad_of, self.output
+        self.step_index += 1
         return loss, output
 
+    def synchronize(self) -> None:
+        """Wait until the device and the optimizer thread have finished everything issued."""
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        self.worker.drain()
+
+    def _stream(self, name: str):
+        return self.compute if name == "compute" else self.side_streams[name]
+
+    def _issue(self, instr) -> None:
+        step, prev = self.step_index, self.step_index - 1
+        if instr.stream == "cpu":
+            waits = [self.events[self.parity][w] for w in instr.waits
+                     if self.cuda and self.plan.instrs[w].stream != "cpu"]
+            work = getattr(self, "_" + instr.op)(instr)  # GPU-side part now; returns the host part
+
+            def run(work=work, waits=waits, instr=instr):
+                for event in waits:
+                    event.synchronize()
+                start = time.perf_counter()
+                work()
+                if self.marks is not None:
+                    self.marks[step, instr.id] = (start, time.perf_counter())
+            self.worker.submit(instr.id, step, run)
+            return
+        for w in instr.waits_prev_step:
+            if step == 0:
+                continue
+            if self.plan.instrs[w].stream == "cpu":
+                self.worker.wait(w, prev)  # the weights this copies must have been updated
+            elif self.cuda:
+                self._stream(instr.stream).wait_event(self.events[1 - self.parity][w])
+        if not self.cuda:
+            start = time.perf_counter()
+            getattr(self, "_" + instr.op)(instr)
+            if self.marks is not None:
+                self.marks[step, instr.id] = (start, time.perf_counter())
+            return
+        stream = self._stream(instr.stream)
+        for w in instr.waits:
+            if self.plan.instrs[w].stream == "cpu":
+                self.worker.wait(w, step)
+            elif self.plan.instrs[w].stream != instr.stream:
+                stream.wait_event(self.events[self.parity][w])
+        with torch.cuda.stream(stream) if stream is not self.compute else nullcontext():
+            start = self._timing_event(stream) if self.marks is not None else None
+            getattr(self, "_" + instr.op)(instr)
+            self.events[self.parity][instr.id].record(stream)
+            if start is not None:
+                self.marks[step, instr.id] = (start, self._timing_event(stream))
+
+    def _wait_previous_shared_copy_out(self) -> None:
+        if self.cuda and self.step_index > 0:
+            copy_out = next(i for i in self.plan.instrs if i.op == "copy_out" and i.stage == SHARED)
+            self.compute.wait_event(self.events[1 - self.parity][copy_out.id])
+
+    # -- copies -------------------------------------------------------------------------------------
     def _copy_in(self, instr):
         if instr.stage == SHARED:
             self.shared_weights.copy_(self.store.shared.stream, non_blocking=True)
@@ -59,6 +205,17 @@ class Engine:
         self.slots[instr.slot][:group.numel].copy_(group.stream, non_blocking=True)
         self.slot_holds[instr.slot] = instr.stage
 
+    def _copy_out(self, instr):
+        if instr.stage == SHARED:
+            self.store.shared.grad.copy_(self.shared_grad, non_blocking=True)
+        else:
+            group = self.store.groups[instr.stage]
+            group.grad.copy_(self.grad_of[instr.stage][:group.numel], non_blocking=True)
+
+    def _free_grad(self, instr):
+        self.grad_pool.append(self.grad_of.pop(instr.stage))
+
+    # -- compute ------------------------------------------------------------------------------------
     def _weights(self, instr) -> list[torch.Tensor]:
         assert self.slot_holds[instr.slot] == instr.stage, "slot holds another stage's weights"
         stage = self.partition.stages[instr.stage]
@@ -104,13 +261,13 @@ class Engine:
         for name, grad in zip(stage.inputs, input_grads):
             if grad is not None:
                 self.grads[name] = grad if name not in self.grads else self.grads[name] + grad
-        self.grad_buffers[instr.stage] = self._flatten_grads(instr.stage, stage, weight_grads)
+        self.grad_of[instr.stage] = self._flatten_grads(instr.stage, stage, weight_grads)
 
     def _flatten_grads(self, index, stage, weight_grads) -> torch.Tensor:
-        """Own gradients into one flat fp32 buffer (one copy-out); shared ones add up on the device."""
-        group = self.store.groups[index]
-        flat = torch.zeros(group.numel, dtype=torch.float32, device=self.device)
-        own = {piece.name: piece for piece in group.slices}
+        """Own gradients into one flat buffer (one copy-out); shared ones add up in fp32 on the device."""
+        flat = self.grad_pool.pop() if self.grad_pool else torch.zeros(
+            self.slot_numel, dtype=self.compute_dtype, device=self.device)
+        own = {piece.name: piece for piece in self.store.groups[index].slices}
         shared = {piece.name: piece for piece in self.store.shared.slices} if self.store.shared else {}
         for name, grad in zip(stage.params, weight_grads):
             if grad is None:
@@ -119,23 +276,59 @@ class Engine:
                 Group.view(flat, own[name]).copy_(grad)
             else:
                 Group.view(self.shared_grad, shared[name]).add_(grad)
+        if self.clip_grad_norm is not None:
+            names = [name for name, grad in zip(stage.params, weight_grads) if grad is not None and name in own]
+            self.norms.update(zip(names, parameter_norms([Group.view(flat, own[n]) for n in names])))
         return flat
 
-    def _copy_out(self, instr):
-        if instr.stage == SHARED:
-            self.store.shared.grad.copy_(self.shared_grad)
-        else:
-            self.store.groups[instr.stage].grad.copy_(self.grad_buffers[instr.stage])
-        if self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()  # the CPU optimizer reads it next
-
-    def _free_grad(self, instr):
-        del self.grad_buffers[instr.stage]
-
+    # -- cpu stream: each returns the part the worker thread runs ----------------------------------------
     def _clip(self, instr):
-        self.last_grad_norm = clip_by_global_norm(self.store.all_groups(), self.store.grads_in_model_order(),
-                                                  self.clip_grad_norm)
+        if self.store.shared:
+            views = self.store.shared.views(self.shared_grad)
+            self.norms.update(zip(views, parameter_norms(list(views.values()))))
+        with torch.cuda.stream(self.compute) if self.cuda else nullcontext():
+            total, coef = clip_coefficient([self.norms[name] for name in self.store.order if name in self.norms],
+                                           self.clip_grad_norm)
+            self.clip_host.copy_(torch.stack([total, coef]), non_blocking=True)
+            ready = torch.cuda.Event() if self.cuda else None
+            if ready is not None:
+                ready.record(self.compute)
+
+        def finish():
+            if ready is not None:
+                ready.synchronize()
+            self.last_grad_norm = float(self.clip_host[0])
+            self.clip_coef = self.clip_host[1].clone()
+        return finish
 
     def _optimizer(self, instr):
         group = self.store.shared if instr.stage == SHARED else self.store.groups[instr.stage]
-        adamw_step(group, self.optimizer)
+        clip = self.clip_grad_norm is not None
+        return lambda: adamw_step(group, self.optimizer, self.scratch, self.clip_coef if clip else None)
+
+    # -- measurement --------------------------------------------------------------------------------
+    def start_trace(self) -> None:
+        """Time every instruction of the steps issued from now until stop_trace()."""
+        self.synchronize()
+        stream = torch.cuda.current_stream(self.device) if self.cuda else None
+        self.origin_event, self.origin = self._timing_event(stream), time.perf_counter()
+        self.marks = {}
+
+    def stop_trace(self) -> list[tuple[int, object, float, float]]:
+        """Wait for the traced steps; (step, instruction, start s, end s) from the trace's start."""
+        self.synchronize()
+
+        def seconds(mark):
+            if isinstance(mark, float):
+                return mark - self.origin
+            return self.origin_event.elapsed_time(mark) / 1e3
+        marks, self.marks = self.marks, None
+        return sorted(((step, self.plan.instrs[i], seconds(start), seconds(end))
+                       for (step, i), (start, end) in marks.items()), key=lambda row: row[2])
+
+    def _timing_event(self, stream):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(stream)
+        return event

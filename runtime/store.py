@@ -1,17 +1,32 @@
 """store: the training state on the host, one set of flat buffers per weight group.
 
-A group is one stage's own parameters (or the shared, tied ones). Each group holds flat fp32
-`master`, `exp_avg`, `exp_avg_sq` and `grad` (where gradients land), and `stream`: the weights in
-the compute dtype, the bytes that cross to the device. In fp32 `stream` is `master` itself.
+A group is one stage's own parameters (or the shared, tied ones). Per group: flat fp32 `master`,
+`exp_avg` and `exp_avg_sq` (pageable: only the CPU optimizer reads them) and `stream`, the weights
+in the compute dtype: the bytes that cross to the device, pinned when the device is a GPU.
+
+Gradients land in `grad`. For a stage computed in bf16 that is `stream` itself: once a stage's
+backward has its weights on the device, the host copy is not read again until the optimizer has
+rewritten it, so the gradient can borrow it, and the host holds 4 + 8 + 2 = 14 bytes per parameter.
+In fp32 `stream` is `master`, and the shared group's gradient (summed over stages in fp32) needs
+its own fp32 buffer.
 """
 from __future__ import annotations
 
+import contextlib
+import time
+import weakref
 from dataclasses import dataclass
 
 import torch
 
+from mtc.config import format_bytes
+
 _ALIGN = 16
 """Each parameter starts at a multiple of 16 elements (64 B in fp32) so its view is vector-aligned."""
+
+
+class HostMemoryError(MemoryError):
+    """The host cannot hold the training state."""
 
 
 @dataclass
@@ -25,22 +40,40 @@ class Slice:
         return self.shape.numel()
 
 
+def layout(params: list[tuple[str, torch.Size]]) -> tuple[list[Slice], int]:
+    slices, offset = [], 0
+    for name, shape in params:
+        slices.append(Slice(name, torch.Size(shape), offset))
+        offset += -(-torch.Size(shape).numel() // _ALIGN) * _ALIGN
+    return slices, offset
+
+
 class Group:
-    def __init__(self, name: str, params: list[tuple[str, torch.Tensor]], compute_dtype: torch.dtype):
+    def __init__(self, name: str, params: list[tuple[str, torch.Size]], compute_dtype: torch.dtype,
+                 pin: bool, grad_in_stream: bool):
         self.name = name
-        self.slices, offset = [], 0
-        for param_name, tensor in params:
-            self.slices.append(Slice(param_name, tensor.shape, offset))
-            offset += -(-tensor.numel() // _ALIGN) * _ALIGN
-        self.numel = offset
-        self.master = torch.zeros(offset, dtype=torch.float32)
-        for piece, (_, tensor) in zip(self.slices, params):
-            self.view(self.master, piece).copy_(tensor.detach())
+        self.slices, self.numel = layout(params)
+        self.master = torch.zeros(self.numel, dtype=torch.float32)
         self.exp_avg = torch.zeros_like(self.master)
         self.exp_avg_sq = torch.zeros_like(self.master)
-        self.grad = torch.zeros_like(self.master)
         self.step = torch.zeros((), dtype=torch.float32)
-        self.stream = self.master if compute_dtype == torch.float32 else self.master.to(compute_dtype)
+        self.stream = self.master if compute_dtype == torch.float32 else torch.zeros(self.numel, dtype=compute_dtype)
+        self.grad = self.stream if grad_in_stream else torch.zeros_like(self.master)
+        if pin:
+            for buffer in {id(b): b for b in (self.stream, self.grad) if b is not self.master}.values():
+                pin_in_place(buffer)
+
+    @staticmethod
+    def host_bytes(numel: int, compute_dtype: torch.dtype, grad_in_stream: bool) -> int:
+        """Bytes a group of `numel` elements allocates: what the preflight check adds up."""
+        stream = 0 if compute_dtype == torch.float32 else numel * compute_dtype.itemsize
+        return numel * 12 + stream + (0 if grad_in_stream else numel * 4)
+
+    def load(self, values: dict[str, torch.Tensor]) -> None:
+        for piece in self.slices:
+            self.view(self.master, piece).copy_(values[piece.name].detach())
+        if self.stream is not self.master:
+            self.stream.copy_(self.master)
 
     @staticmethod
     def view(flat: torch.Tensor, piece: Slice) -> torch.Tensor:
@@ -50,36 +83,146 @@ class Group:
         return {piece.name: self.view(flat, piece) for piece in self.slices}
 
 
+def pin_in_place(tensor: torch.Tensor) -> None:
+    """Page-lock a tensor's memory where it lies (cudaHostRegister).
+
+    torch's pinned allocator rounds each request up to a power of two, which would cost up to twice
+    the stream buffers' size in locked RAM; registering our own allocation costs exactly its size.
+    """
+    cudart = torch.cuda.cudart()
+    pointer, size = tensor.data_ptr(), tensor.numel() * tensor.element_size()
+    error = cudart.cudaHostRegister(pointer, size, 0)
+    if int(error) != 0:
+        raise HostMemoryError(f"could not pin {format_bytes(size)} of host memory (cudaHostRegister error "
+                              f"{int(error)}); check `ulimit -l` (locked-memory limit)")
+    weakref.finalize(tensor.untyped_storage(), cudart.cudaHostUnregister, pointer)
+
+
+def available_host_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo: what the host can give without swapping (None off Linux)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+@contextlib.contextmanager
+def materialised(model: torch.nn.Module | None, names: list[str], init):
+    """The parameters and buffers `names` as CPU tensors.
+
+    Meta ones are created on the CPU and initialised by `init(module)` for each module that owns one,
+    then put back on the meta device, so a model built on the meta device is never whole in memory.
+    """
+    def lookup(name):
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        return module, getattr(module, attr)
+
+    owners = {}
+    for name in names:
+        module, tensor = lookup(name)
+        if tensor.is_meta:
+            owners[id(module)] = module
+    for module in owners.values():
+        module.to_empty(device="cpu", recurse=False)
+        init(module)
+    try:
+        yield {name: lookup(name)[1] for name in names}
+    finally:
+        for module in owners.values():
+            module.to_empty(device="meta", recurse=False)
+
+
+def reset_parameters(module: torch.nn.Module) -> None:
+    """The default `init`: the module's own reset_parameters()."""
+    if not hasattr(module, "reset_parameters"):
+        names = [n for n, _ in module.named_parameters(recurse=False)] + \
+                [n for n, _ in module.named_buffers(recurse=False)]
+        raise ValueError(f"{type(module).__name__} holds meta tensors {names} but has no reset_parameters(); "
+                         f"pass init=fn to mtc.compile, where fn(module) initialises one module's own tensors")
+    module.reset_parameters()
+
+
 class StateStore:
     """Every stage's group, the shared group, and the model's buffers (kept on the compute device)."""
 
     def __init__(self, stage_params: list[list[str]], shared: list[str], params: dict[str, torch.Tensor],
-                 buffers: dict[str, torch.Tensor], compute_dtype: torch.dtype, device: torch.device):
-        meta = [name for name, p in params.items() if p.is_meta]
-        if meta:
-            raise ValueError(f"parameters {meta[:3]}{'...' if len(meta) > 3 else ''} are on the meta device; "
-                             f"mtc.compile needs materialised parameters (call model.to_empty(device='cpu') and "
-                             f"initialise them first)")
+                 buffers: dict[str, torch.Tensor], compute_dtype: torch.dtype, device: torch.device,
+                 model: torch.nn.Module | None = None, init=None, progress: bool = True):
+        init = init or reset_parameters
         shared_set = set(shared)
-        self.groups = [Group(f"stage{i}", [(n, params[n]) for n in names if n not in shared_set], compute_dtype)
-                       for i, names in enumerate(stage_params)]
-        self.shared = Group("shared", [(n, params[n]) for n in shared], compute_dtype) if shared else None
+        pin = device.type == "cuda"
+        bf16 = compute_dtype != torch.float32
+        specs = [(f"stage{i}", [n for n in names if n not in shared_set], bf16) for i, names in enumerate(stage_params)]
+        if shared:
+            specs.append(("shared", list(shared), False))
+        sizes = [layout([(n, params[n].shape) for n in names])[1] for _, names, _ in specs]
+        needed = sum(Group.host_bytes(numel, compute_dtype, in_stream)
+                     for numel, (_, _, in_stream) in zip(sizes, specs))
+        self.host_bytes, self.pinned_bytes = needed, sum(
+            numel * compute_dtype.itemsize for numel in sizes) if pin else 0
+        available = available_host_bytes()
+        if available is not None and needed > available:
+            already = sum(p.numel() * p.element_size() for p in params.values() if not p.is_meta)
+            raise HostMemoryError(
+                f"the training state needs {format_bytes(needed)} of host RAM ({needed / max(1, sum(sizes)):.1f} "
+                f"bytes per parameter: fp32 master and two Adam moments, plus the bf16 copy that streams) but only "
+                f"{format_bytes(available)} is available" + (
+                    f"; the model's own materialised parameters hold {format_bytes(already)}: build it on the "
+                    f"meta device (with torch.device('meta')) and mtc initialises it block by block" if already else ""))
+
+        start = time.perf_counter()
+        groups = []
+        with _progress(needed, progress, "mtc: building the state store" + (" (pinning)" if pin else "")) as bar:
+            for (name, names, in_stream), numel in zip(specs, sizes):
+                group = Group(name, [(n, params[n].shape) for n in names], compute_dtype, pin, in_stream)
+                with _values(model, params, names, init) as values:
+                    group.load(values)
+                groups.append(group)
+                bar.update(Group.host_bytes(numel, compute_dtype, in_stream))
+        self.build_seconds = time.perf_counter() - start
+        self.groups = groups[:len(stage_params)]
+        self.shared = groups[len(stage_params)] if shared else None
+
         used = {n for names in stage_params for n in names}
         # Parameters the loss never reads get no gradient; torch.optim leaves them alone and so do we.
-        self.unused = {n: p.detach().float().clone() for n, p in params.items() if n not in used}
-        self.buffers = {name: b.to(device) for name, b in buffers.items()}
+        unused = [n for n in params if n not in used]
+        with _values(model, params, unused, init) as values:
+            self.unused = {n: v.detach().float().clone() for n, v in values.items()}
+        with _values(model, buffers, list(buffers), init) as values:
+            self.buffers = {name: b.to(device) for name, b in values.items()}
         self.order = [name for name in params if name in used]
         """Trained parameters in the model's own order (clipping sums their norms in this order)."""
 
     def all_groups(self) -> list[Group]:
         return self.groups + ([self.shared] if self.shared else [])
 
-    def grads_in_model_order(self) -> list[torch.Tensor]:
-        views = {name: view for group in self.all_groups() for name, view in group.views(group.grad).items()}
-        return [views[name] for name in self.order]
-
     def named_parameters(self):
         for group in self.all_groups():
             for piece in group.slices:
                 yield piece.name, group.view(group.master, piece)
         yield from self.unused.items()
+
+
+@contextlib.contextmanager
+def _values(model, source: dict[str, torch.Tensor], names: list[str], init):
+    """source[name] for each name, with meta tensors materialised (and released afterwards) by the model."""
+    meta = [n for n in names if isinstance(source[n], torch.Tensor) and source[n].is_meta]
+    if meta and model is None:
+        raise ValueError(f"{meta[:3]}{'...' if len(meta) > 3 else ''} are on the meta device and there is no "
+                         f"model to initialise them from")
+    with materialised(model, meta, init) if meta else contextlib.nullcontext({}) as created:
+        yield {n: created.get(n, source[n]) for n in names}
+
+
+def _progress(total: int, enabled: bool, description: str):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # tqdm is a dependency; this keeps a broken environment usable
+        return contextlib.nullcontext(type("NoBar", (), {"update": lambda self, n: None})())
+    return tqdm(total=total, unit="B", unit_scale=True, desc=description, disable=not enabled or None,
+                leave=False)

@@ -36,9 +36,14 @@ def test_printed_plan_has_one_line_per_instruction_with_stage_slot_and_bytes():
 def test_gpu_mem_too_small_says_how_many_bytes_are_needed():
     with pytest.raises(ValueError) as error:
         mtc.compile(llama(), gpu_mem="1MB", example=tokens(), device="cpu")
-    peak = mtc.plan(llama(), "1GB", tokens(), device="cpu").plan.schedule.peak_bytes
     message = str(error.value)
+    peak = error.value.schedule.peak_bytes
     assert "gpu_mem=" in message and f"needs {mtc.config.format_bytes(peak)} ({peak} bytes)" in message
+    # The number it names is the smallest plan's (one slot), and it is enough.
+    smallest = mtc.plan(llama(), peak, tokens(), device="cpu").plan.schedule
+    assert smallest.slots == 1 and smallest.peak_bytes == peak
+    roomy = mtc.plan(llama(), "1GB", tokens(), device="cpu").plan.schedule
+    assert roomy.slots == 4 and roomy.peak_bytes > peak
 
 
 @pytest.mark.parametrize("gpu_mem", ["lots", 0, "-3GB"])
@@ -113,7 +118,7 @@ def test_bad_arguments_are_named(kwargs, match):
 def test_weights_are_streamed_not_resident():
     step = mtc.compile(llama(), gpu_mem="3.5MB", example=tokens(), device="cpu")
     engine = step._engine
-    assert len(engine.slots) == 2
+    assert len(engine.slots) == step.plan.schedule.slots == 2
     assert sum(s.numel() * s.element_size() for s in engine.slots) < sum(
         p.numel() * 4 for _, p in step.named_parameters()) / 3
     copies = [i for i in step.plan.stream_plan.instrs if i.op == "copy_in"]

@@ -62,7 +62,7 @@ def test_more_bandwidth_never_predicts_a_slower_step(costs, clip, faster):
 def _chain(count=4, shared=False, clip=False):
     stages = [StageCost(f"stage{i}", "T", 1000, 2000, 4000, 100, 100, 1000, 10**6) for i in range(count)]
     share = StageCost("shared", "-", 10, 20, 40, 0, 0, 0, 0) if shared else None
-    return plan_for(Costs(stages, 60 if shared else 0, share, {}, ("tensor",)), clip=clip)
+    return lower(schedule_pass(Costs(stages, 60 if shared else 0, share, {}, ("tensor",)), 1 << 40, clip, slots=2))
 
 
 def _problems(plan) -> list[str]:
@@ -92,6 +92,20 @@ def test_a_copy_in_that_may_overwrite_a_slot_in_use_is_rejected():
     copy_in = _first(plan, "copy_in", 2)
     copy_in.waits.clear()  # no longer waits for the previous reader of its slot
     assert any("may overwrite slot" in p for p in _problems(plan))
+
+
+def test_a_copy_in_that_may_overwrite_the_previous_steps_reader_is_rejected():
+    plan = _chain()
+    copy_in = _first(plan, "copy_in", 1)
+    assert copy_in.waits == []  # the first use of its slot in the step
+    copy_in.waits_prev_step = [w for w in copy_in.waits_prev_step if plan.instrs[w].op != "backward"]
+    assert any("previous step's backward of stage1" in p for p in _problems(plan))
+
+
+def test_updates_come_in_the_order_the_next_forward_needs_them():
+    plan = _chain(shared=True, clip=True)
+    updates = [i.stage for i in plan.instrs if i.op == "optimizer"]
+    assert updates == [-1, 0, 1, 2, 3]  # shared first, then stage by stage
 
 
 def test_forward_out_of_order_is_rejected():
