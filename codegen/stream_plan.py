@@ -91,50 +91,68 @@ def lower(schedule: Schedule) -> StreamPlan:
     shared_in = None
     if schedule.shared:
         shared_in = emit("h2d", "copy_in", SHARED, bytes=schedule.shared.weight_bytes)
+    resident = set(schedule.resident)
     last_reader: dict[int, Instr] = {}
     forward_of: dict[int, Instr] = {}
-    copy_outs: list[Instr] = []
+    copy_out_of: dict[int, Instr] = {}
+    backward_of: dict[int, Instr] = {}
     pending_free: list[tuple[Instr, Instr]] = []
     optimizers: dict[int, Instr] = {}
-    for use in schedule.uses:
+    for index, use in enumerate(schedule.uses):
         stage = schedule.stages[use.stage]
-        previous = last_reader.get(use.slot)
-        copy_in = emit("h2d", "copy_in", use.stage, slot=use.slot, bytes=stage.weight_bytes,
-                       waits=[previous.id] if previous else [])
-        waits = [copy_in.id] + ([shared_in.id] if shared_in and not last_reader else [])
+        waits = [shared_in.id] if shared_in and index == 0 else []
+        copy_in = None
+        if use.stage not in resident:
+            previous = last_reader.get(use.slot)
+            copy_in = emit("h2d", "copy_in", use.stage, slot=use.slot, bytes=stage.weight_bytes,
+                           waits=[previous.id] if previous else [])
+            waits.insert(0, copy_in.id)
+        reads = copy_in.id if copy_in else None
         if use.phase == "forward":
-            compute = emit("compute", "forward", use.stage, slot=use.slot, waits=waits, reads=copy_in.id,
+            compute = emit("compute", "forward", use.stage, slot=use.slot, waits=waits, reads=reads,
                            bytes=stage.saved_bytes, work_bytes=stage.forward_bytes)
             forward_of[use.stage] = compute
         else:
             released = [forward_of[use.stage].id] if use.phase == "backward" else []
             kept_input = stage.saved_bytes if use.phase == "loss" else 0
-            compute = emit("compute", use.phase, use.stage, slot=use.slot, waits=waits, reads=copy_in.id,
-                           bytes=schedule.slot_bytes, releases=released,
+            # A streamed stage's gradient goes to a slot-sized device buffer until its copy-out is done; a
+            # resident stage's lives on the device (resident_bytes) until the GPU update consumes it.
+            compute = emit("compute", use.phase, use.stage, slot=use.slot, waits=waits, reads=reads,
+                           bytes=0 if copy_in is None else schedule.slot_bytes, releases=released,
                            work_bytes=stage.backward_bytes + kept_input)
-            copy_out = emit("d2h", "copy_out", use.stage, bytes=stage.grad_bytes, waits=[compute.id])
-            copy_outs.append(copy_out)
-            # Free the previous stage's gradient buffer now, not before this backward: by then its copy-out
-            # has had a whole backward to finish, so the compute stream does not stall on it.
-            if pending_free:
-                _emit_free(emit, *pending_free.pop())
-            pending_free.append((compute, copy_out))
-            if not schedule.clip:
-                optimizers[use.stage] = emit("cpu", "optimizer", use.stage, waits=[copy_out.id])
-        last_reader[use.slot] = compute
+            backward_of[use.stage] = compute
+            if copy_in is None:
+                if not schedule.clip:
+                    optimizers[use.stage] = _emit_gpu_update(emit, compute)
+            else:
+                copy_out = copy_out_of[use.stage] = emit("d2h", "copy_out", use.stage, bytes=stage.grad_bytes,
+                                                         waits=[compute.id])
+                # Free the previous stage's gradient buffer now, not before this backward: by then its
+                # copy-out has had a whole backward to finish, so the compute stream does not stall on it.
+                if pending_free:
+                    _emit_free(emit, *pending_free.pop())
+                pending_free.append((compute, copy_out))
+                if not schedule.clip:
+                    optimizers[use.stage] = emit("cpu", "optimizer", use.stage, waits=[copy_out.id])
+        if copy_in is not None:
+            last_reader[use.slot] = compute
     if pending_free:
         _emit_free(emit, *pending_free.pop())
     if schedule.shared:
         last_compute = next(i for i in reversed(instrs) if i.op in ("backward", "loss"))
-        copy_out = emit("d2h", "copy_out", SHARED, bytes=schedule.shared.grad_bytes, waits=[last_compute.id])
-        copy_outs.append(copy_out)
+        copy_out_of[SHARED] = emit("d2h", "copy_out", SHARED, bytes=schedule.shared.grad_bytes,
+                                   waits=[last_compute.id])
         if not schedule.clip:
-            optimizers[SHARED] = emit("cpu", "optimizer", SHARED, waits=[copy_out.id])
+            optimizers[SHARED] = emit("cpu", "optimizer", SHARED, waits=[copy_out_of[SHARED].id])
     if schedule.clip:
-        clip = emit("cpu", "clip", None, waits=[c.id for c in copy_outs])
-        # Updated in the order the next step's forward reads them: it waits for each in turn.
-        for stage in sorted((c.stage for c in copy_outs), key=lambda s: (s != SHARED, s)):
-            optimizers[stage] = emit("cpu", "optimizer", stage, waits=[clip.id])
+        # The global norm, on the device right after the last backward (per-parameter norms were taken
+        # as each gradient was made). Updates follow in the order the next step's forward reads them.
+        clip = emit("compute", "clip", None)
+        for stage in sorted(copy_out_of.keys() | resident, key=lambda s: (s != SHARED, s)):
+            if stage in resident:
+                optimizers[stage] = _emit_gpu_update(emit, backward_of[stage])
+            else:
+                optimizers[stage] = emit("cpu", "optimizer", stage, waits=[clip.id, copy_out_of[stage].id])
     first_copy_in = {}
     for instr in instrs:
         if instr.op == "copy_in":
@@ -145,6 +163,11 @@ def lower(schedule: Schedule) -> StreamPlan:
     for slot, copy_in in first_copy_in.items():
         copy_in.waits_prev_step.append(last_reader[slot].id)
     return StreamPlan(schedule, instrs)
+
+
+def _emit_gpu_update(emit, backward: Instr) -> Instr:
+    """A resident stage's AdamW on the device, after its backward on the same stream; it consumes the gradient."""
+    return emit("compute", "optimizer", backward.stage, releases=[backward.id])
 
 
 def _emit_free(emit, compute: Instr, copy_out: Instr):
@@ -162,13 +185,11 @@ def duration(plan: StreamPlan, instr: Instr, profile: HardwareProfile) -> float:
     if instr.op in ("backward", "loss"):
         # Recompute (1x) + backward (2x) of the forward's FLOPs.
         return 3 * plan.stages[instr.stage].forward_flops / profile.flops_per_s
+    if instr.op == "optimizer" and instr.stream == "compute":
+        return plan.group(instr.stage).params / profile.gpu_optimizer_params_per_s
     if instr.op == "optimizer":
         return plan.group(instr.stage).params / profile.optimizer_params_per_s
-    if instr.op == "clip":
-        # One read of every gradient: about a quarter of AdamW's traffic per parameter.
-        total = sum(s.params for s in plan.stages) + (plan.schedule.shared.params if plan.schedule.shared else 0)
-        return total / (4 * profile.optimizer_params_per_s)
-    return 0.0
+    return 0.0  # clip: a norm of per-parameter norms on the device; free_grad: bookkeeping
 
 
 def simulate(plan: StreamPlan, profile: HardwareProfile, steps: int = 3) -> list[list[tuple[float, float]]]:

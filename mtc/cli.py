@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 
@@ -34,19 +35,30 @@ def main(argv=None) -> int:
     show = commands.add_parser("show", help="print a saved plan")
     show.add_argument("path")
 
+    bench = commands.add_parser("bench", help="time a preset on the GPU; --vs eager compares with the "
+                                              "same model GPU-resident")
+    _model_arguments(bench, batch="4x4096", gpu_mem="80GB", preset="3b")
+    bench.add_argument("--steps", type=int, default=5, help="timed steps (default 5)")
+    bench.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    bench.add_argument("--vs", choices=["eager"], help="also time eager PyTorch, GPU-resident, in this process")
+    bench.add_argument("--trace", metavar="PATH", help="write two measured steps as a Chrome/Perfetto trace")
+    bench.add_argument("--json", metavar="PATH", help="write every figure as JSON")
+    bench.add_argument("--cpu-threads", type=int, default=None,
+                       help="threads for the CPU optimizer (default: all cores but two)")
+
     args = parser.parse_args(argv)
     if args.command is None:
         args = parser.parse_args(["train"] + list(argv if argv is not None else sys.argv[1:]))
     try:
-        return {"train": _train, "plan": _plan, "show": _show}[args.command](args)
+        return {"train": _train, "plan": _plan, "show": _show, "bench": _bench}[args.command](args)
     except (ValueError, TypeError, RuntimeError, OSError) as error:
         print(f"mtc {args.command}: error: {error}", file=sys.stderr)
         return 2
 
 
-def _model_arguments(parser, batch: str, gpu_mem: str):
-    parser.add_argument("--preset", default="tiny", choices=sorted(models.PRESETS),
-                        help="model shape (default tiny)")
+def _model_arguments(parser, batch: str, gpu_mem: str, preset: str = "tiny"):
+    parser.add_argument("--preset", default=preset, choices=sorted(models.PRESETS),
+                        help=f"model shape (default {preset})")
     parser.add_argument("--batch", default=batch, help=f"sequences x tokens per step (default {batch})")
     parser.add_argument("--gpu-mem", default=gpu_mem,
                         help=f"device memory budget, e.g. 24GB, 80GiB (default {gpu_mem})")
@@ -117,6 +129,24 @@ def _plan(args) -> int:
     if args.save:
         planned.plan.save(args.save)
         print(f"saved {args.save}")
+    return 0
+
+
+def _bench(args) -> int:
+    from mtc import bench
+
+    for name in ("steps", "warmup"):
+        if getattr(args, name) < (1 if name == "steps" else 0):
+            raise ValueError(f"--{name}={getattr(args, name)} is not valid; expected an integer >= "
+                             f"{1 if name == 'steps' else 0}")
+    parse_bytes(args.gpu_mem, "--gpu-mem")
+    result = bench.run(args.preset, _batch(args.batch), gpu_mem=args.gpu_mem, steps=args.steps,
+                       warmup=args.warmup, clip=args.clip or None, vs_eager=args.vs == "eager",
+                       trace_path=args.trace, cpu_threads=args.cpu_threads)
+    print(bench.table(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
     return 0
 
 

@@ -42,7 +42,7 @@ def compile(model: torch.nn.Module, gpu_mem="80GB", example=None, optimizer: Ada
                    compute_dtype=compute_dtype)
     store = StateStore([s.params for s in planned.partition.stages], planned.partition.shared_params,
                        planned.params, planned.buffers, planned.compute_dtype, device, model=model, init=init,
-                       progress=progress)
+                       progress=progress, resident=planned.plan.schedule.resident)
     engine = Engine(planned.plan.stream_plan, planned.partition, store, planned.costs.grad_inputs, optimizer,
                     clip_grad_norm, device, planned.compute_dtype, planned.traced.unflatten_output, cpu_threads)
     return Step(planned, store, engine)

@@ -57,6 +57,13 @@ class AdamW:
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
 
 
+OPTIMIZER_CHUNK = 1 << 22
+"""Elements per optimizer pass (16 MiB of fp32 per buffer). Small enough that a chunk's gradient and
+weights are still in the CPU's last-level cache when the next pass reads them; large enough that the
+three op launches per chunk (~20 us each) are noise against the ~1 ms a chunk's update takes at
+4 G params/s. The GPU update uses it too, so its fp32 scratch stays small."""
+
+
 @dataclass(frozen=True)
 class HardwareProfile:
     """Rates the planner uses to predict a step; DESIGN.md lists where the H100 numbers come from."""
@@ -70,12 +77,16 @@ class HardwareProfile:
     """Sustained matrix-multiply rate in the compute dtype."""
     optimizer_params_per_s: float
     """CPU AdamW rate while copies and GEMMs run beside it."""
+    gpu_optimizer_params_per_s: float
+    """AdamW rate on the device for resident stages (bf16 gradient widened, fp32 state, bf16 weights out)."""
 
 
 # Measured on one H100 80GB box (DESIGN.md, "Numbers that bound the design"): the contended rates.
+# gpu_optimizer_params_per_s is an estimate until `mtc probe` measures it: ~52 bytes of HBM traffic per
+# parameter at ~3 TB/s.
 H100 = HardwareProfile("h100", h2d_bytes_per_s=34.5e9, d2h_bytes_per_s=34.5e9,
-                       flops_per_s=675e12, optimizer_params_per_s=2.9e9)
+                       flops_per_s=675e12, optimizer_params_per_s=2.9e9, gpu_optimizer_params_per_s=50e9)
 # A 2-core CI machine, order-of-magnitude only: the CPU engine runs the same plan in order.
 CPU = HardwareProfile("cpu", h2d_bytes_per_s=5e9, d2h_bytes_per_s=5e9,
-                      flops_per_s=50e9, optimizer_params_per_s=0.2e9)
+                      flops_per_s=50e9, optimizer_params_per_s=0.2e9, gpu_optimizer_params_per_s=0.2e9)
 PROFILES = {profile.name: profile for profile in (H100, CPU)}

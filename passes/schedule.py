@@ -1,16 +1,26 @@
-"""schedule: stage costs + gpu_mem -> which stage's weights sit in which slot, in what order.
+"""schedule: stage costs + gpu_mem -> which stages stay on the device, which stream through which slot.
 
-A fixed plan (the solver comes later): k weight slots, as many as fit up to MAX_SLOTS, so copies run
-up to k - 1 stages ahead of compute, every stage's boundary input kept on the device, and each stage's
-internals recomputed in its backward while its weights are resident (weights cross twice a step).
+A fixed policy (the solver comes later):
+- k weight slots, as many as fit up to MAX_SLOTS, so copies run up to k - 1 stages ahead of compute;
+- then, in forward order, as many stages as still fit become *resident*: their weights, fp32 master
+  and AdamW moments live on the device all step and the GPU updates them, with no copies and no CPU
+  work. Forward order, because the next step's forward needs the first stages first: the CPU then
+  updates the last stages, which the next forward reaches last;
+- every stage's boundary input kept on the device, each stage's internals recomputed in its backward
+  while its weights are on the device (streamed weights cross twice a step).
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
-from mtc.config import format_bytes
+from mtc.config import OPTIMIZER_CHUNK, format_bytes
 
 from .costs import Costs, StageCost
+
+RESIDENT_STATE_BYTES = 12
+"""Per resident parameter, besides its weight and gradient in the compute dtype: fp32 master, exp_avg, exp_avg_sq."""
+ALIGN_SLACK = 1 << 12
+"""Upper bound on a group's alignment padding (16 elements per tensor, up to 256 tensors a stage)."""
 
 
 class MemoryBudgetError(ValueError):
@@ -26,7 +36,8 @@ class Use:
     stage: int
     phase: str
     """'forward', 'loss' (forward and backward of the last stage, back to back) or 'backward'."""
-    slot: int
+    slot: int | None
+    """None for a resident stage."""
 
 
 @dataclass
@@ -39,15 +50,18 @@ class Schedule:
     slots: int
     """Weight slots on the device (k)."""
     slot_bytes: int
-    """Bytes of one slot: the largest stage's weights."""
+    """Bytes of one slot: the largest streamed stage's weights."""
     resident_bytes: int
-    """Shared weights and their gradient, and the buffers: on the device all step."""
+    """On the device all step: shared weights and their gradient, buffers, and the resident stages'
+    weights, gradients, master weights and moments."""
     gpu_mem: int
     """The budget the plan was made for."""
     clip: bool
     """Whether updates wait for the global gradient norm (after the whole backward)."""
     peak_bytes: int
     """Largest predicted device footprint over the step."""
+    resident: list[int] = field(default_factory=list)
+    """Stages whose weights and optimizer state stay on the device, updated there."""
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -64,25 +78,45 @@ MAX_SLOTS = 4
 embedding or output head in forward) without holding a large share of the device for weights."""
 
 
-def schedule_pass(costs: Costs, gpu_mem: int, clip: bool, slots: int | None = None) -> Schedule:
-    """The fixed plan with the most weight slots (up to MAX_SLOTS, or exactly `slots`) that fits gpu_mem."""
+def schedule_pass(costs: Costs, gpu_mem: int, clip: bool, slots: int | None = None,
+                  resident: int | None = None) -> Schedule:
+    """The fixed policy: the most weight slots (up to MAX_SLOTS, or exactly `slots`) that fit gpu_mem, then
+    the longest prefix of resident stages that still fits (or exactly `resident` stages)."""
     count = len(costs.stages)
     candidates = [slots] if slots else range(min(MAX_SLOTS, count), 0, -1)
     for k in candidates:
-        schedule = _fixed_plan(costs, gpu_mem, clip, max(1, min(k, count)))
+        schedule = _fixed_plan(costs, gpu_mem, clip, max(1, min(k, count)), resident or 0)
         if schedule.peak_bytes <= gpu_mem:
+            for resident in range(1, count + 1) if resident is None else ():
+                bigger = _fixed_plan(costs, gpu_mem, clip, schedule.slots, resident)
+                if bigger.peak_bytes > gpu_mem:
+                    break
+                schedule = bigger
             return schedule
-    return _fixed_plan(costs, gpu_mem, clip, max(1, min(candidates[-1], count)), check=True)  # raises
+    return _fixed_plan(costs, gpu_mem, clip, max(1, min(candidates[-1], count)), 0, check=True)  # raises
 
 
-def _fixed_plan(costs: Costs, gpu_mem: int, clip: bool, slots: int, check: bool = False) -> Schedule:
+def _fixed_plan(costs: Costs, gpu_mem: int, clip: bool, slots: int, resident: int, check: bool = False) -> Schedule:
+    """k slots for the streamed stages; stages [0, resident) on the device."""
     stages = costs.stages
     count = len(stages)
     order = ([(i, "forward") for i in range(count - 1)] + [(count - 1, "loss")]
              + [(i, "backward") for i in reversed(range(count - 1))])
-    uses = [Use(stage, phase, index % slots) for index, (stage, phase) in enumerate(order)]
-    slot_bytes = max(s.weight_bytes for s in stages)
-    schedule = Schedule(stages, costs.shared, uses, slots, slot_bytes, costs.resident_bytes, gpu_mem, clip, 0)
+    streamed = [s for i, s in enumerate(stages) if i >= resident]
+    slots = min(slots, len(streamed))
+    uses, streamed_uses = [], 0
+    for stage, phase in order:
+        slot = None
+        if stage >= resident:
+            slot, streamed_uses = streamed_uses % slots, streamed_uses + 1
+        uses.append(Use(stage, phase, slot))
+    slot_bytes = max((s.weight_bytes for s in streamed), default=0)
+    on_device = sum(s.weight_bytes + s.grad_bytes + RESIDENT_STATE_BYTES * s.params for s in stages[:resident])
+    # The GPU update widens one chunk of gradients at a time to fp32.
+    scratch = 4 * min(OPTIMIZER_CHUNK, max((s.params for s in stages[:resident]), default=-ALIGN_SLACK) + ALIGN_SLACK)
+    resident_bytes = costs.resident_bytes + on_device + scratch
+    schedule = Schedule(stages, costs.shared, uses, slots, slot_bytes, resident_bytes, gpu_mem, clip, 0,
+                        list(range(resident)))
     peak, where = peak_memory(schedule)
     schedule.peak_bytes = peak
     if check and peak > gpu_mem:
@@ -106,7 +140,8 @@ def peak_memory(schedule: Schedule) -> tuple[int, str]:
         else:
             # A gradient buffer (slot-sized, reused) lives until its copy-out is done, i.e. during the next
             # backward.
-            grads_in_flight = grads_in_flight[-1:] + [schedule.slot_bytes]
+            if use.slot is not None:  # a resident stage's gradient is part of resident_bytes
+                grads_in_flight = grads_in_flight[-1:] + [schedule.slot_bytes]
             own_input = stage.saved_bytes if use.phase == "loss" else 0  # the loss stage keeps nothing
             now = static + kept + own_input + stage.backward_bytes + sum(grads_in_flight)
             if use.phase == "backward":

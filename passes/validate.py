@@ -80,9 +80,17 @@ def _check_slots(plan: StreamPlan, before, problems):
     if len(slots) > plan.schedule.slots or not slots <= set(range(plan.schedule.slots)):
         problems.append(f"2: uses slots {sorted(slots)} but the plan has {plan.schedule.slots}")
     copy_ins = [i for i in plan.instrs if i.op == "copy_in" and i.stage != SHARED]
+    resident = set(plan.schedule.resident)
+    for copy_in in copy_ins:
+        if copy_in.stage in resident:
+            problems.append(f"1: resident {plan.stage_name(copy_in.stage)} is copied in by instruction {copy_in.id}")
     for compute in (i for i in plan.instrs if i.op in COMPUTE_OPS):
-        load = plan.instrs[compute.reads] if compute.reads is not None else None
         name = f"{compute.op} of {plan.stage_name(compute.stage)}"
+        if compute.stage in resident:
+            if compute.reads is not None or compute.slot is not None:
+                problems.append(f"1: {name} reads a slot, but the stage's weights are resident")
+            continue
+        load = plan.instrs[compute.reads] if compute.reads is not None else None
         if load is None or load.op != "copy_in" or load.stage != compute.stage or load.slot != compute.slot:
             problems.append(f"1: {name} does not read a copy-in of its own weights into slot {compute.slot}")
             continue
@@ -164,6 +172,9 @@ def _check_gradients(plan: StreamPlan, before, problems):
                      and (i.stage == group or group == SHARED)]
         copy_outs = [i for i in plan.instrs if i.op == "copy_out" and i.stage == group]
         updates = [i for i in plan.instrs if i.op == "optimizer" and i.stage == group]
+        if group in plan.schedule.resident:
+            _check_resident_gradient(plan, before, group, producers, copy_outs, updates, problems)
+            continue
         if len(copy_outs) != 1 or len(updates) != 1:
             problems.append(f"7: {name}'s gradient is copied out {len(copy_outs)} times and updated "
                             f"{len(updates)} times, not once each")
@@ -190,6 +201,25 @@ def _check_gradients(plan: StreamPlan, before, problems):
             if len(frees) != 1 or not _ordered(before, copy_out.id, frees[0].id) or \
                     (producer and producer.id not in frees[0].releases):
                 problems.append(f"6: {name}'s gradient buffer is not freed exactly once after its copy-out")
+
+
+def _check_resident_gradient(plan, before, group, producers, copy_outs, updates, problems):
+    """7 for a resident stage: no copy-out; one update on the device, after its backward (and the clip),
+    consuming the gradient; the next step's compute follows it on the same stream."""
+    name = plan.stage_name(group)
+    if copy_outs or len(updates) != 1 or updates[0].stream != "compute":
+        problems.append(f"7: resident {name} must be updated once on the device without a copy-out; it has "
+                        f"{len(copy_outs)} copy-outs and {len(updates)} updates")
+        return
+    update = updates[0]
+    if not producers or producers[-1].id not in update.releases:
+        problems.append(f"6: resident {name}'s update does not consume its gradient")
+    for producer in producers:
+        if not _ordered(before, producer.id, update.id):
+            problems.append(f"7: {name} may be updated before {producer.op} completes")
+    clips = [i for i in plan.instrs if i.op == "clip"]
+    if plan.schedule.clip and (len(clips) != 1 or not _ordered(before, clips[0].id, update.id)):
+        problems.append(f"7: {name} may be updated before the global gradient norm is known")
 
 
 def _describe(plan, pairs) -> str:

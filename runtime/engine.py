@@ -62,6 +62,7 @@ class Worker:
                     work()
             except BaseException as error:  # noqa: BLE001 - handed to the main thread
                 self.error = error
+            work = None  # hold no reference to the engine's buffers between tasks
             with self.condition:
                 self.done[instr_id] = step
                 self.pending -= 1
@@ -97,11 +98,9 @@ class Engine:
             # Two sets of events, by step parity: a wait on the previous step's event stays valid while
             # this step records its own.
             self.events = [[torch.cuda.Event() for _ in plan.instrs] for _ in range(2)]
-            total = torch.cuda.get_device_properties(device).total_memory
-            # gpu_mem is a promise: the caching allocator refuses to grow past it.
-            torch.cuda.set_per_process_memory_fraction(min(1.0, plan.schedule.gpu_mem / total), device)
-        self.slot_numel = max(g.numel for g in store.groups)
-        # The slot arena: the only weight memory on the device besides the resident shared group.
+        self.resident = set(plan.schedule.resident)
+        self.slot_numel = max((g.numel for i, g in enumerate(store.groups) if i not in self.resident), default=0)
+        # The slot arena: the only memory for streamed weights on the device.
         self.slots = [torch.empty(self.slot_numel, dtype=compute_dtype, device=device)
                       for _ in range(plan.schedule.slots)]
         self.slot_holds = [None] * len(self.slots)
@@ -112,10 +111,13 @@ class Engine:
             self.shared_grad = torch.zeros(store.shared.numel, dtype=torch.float32, device=device)
         self.functions = [stage.template.function(device) for stage in partition.stages]
         self.worker = Worker()
-        self.scratch = scratch_for(store.all_groups())
+        host_groups = [g for i, g in enumerate(store.all_groups()) if i not in self.resident]
+        self.scratch = scratch_for(host_groups)
+        self.device_scratch = scratch_for([store.groups[i] for i in self.resident], device)
         self.clip_host = torch.zeros(2, dtype=torch.float32, pin_memory=self.cuda)
+        """The last clip's (global norm, coefficient), for the host optimizer and last_grad_norm."""
         self.clip_coef = None
-        self.last_grad_norm = None
+        """The last clip's coefficient on the device, for the device updates."""
         self.step_index = 0
         self.marks = None
         """While tracing: (step, instruction id) -> (start, end) as CUDA events or perf_counter seconds."""
@@ -217,9 +219,12 @@ class Engine:
 
     # -- compute ------------------------------------------------------------------------------------
     def _weights(self, instr) -> list[torch.Tensor]:
-        assert self.slot_holds[instr.slot] == instr.stage, "slot holds another stage's weights"
-        stage = self.partition.stages[instr.stage]
-        views = self.store.groups[instr.stage].views(self.slots[instr.slot])
+        stage, group = self.partition.stages[instr.stage], self.store.groups[instr.stage]
+        if instr.stage in self.resident:
+            views = group.views(group.stream)
+        else:
+            assert self.slot_holds[instr.slot] == instr.stage, "slot holds another stage's weights"
+            views = group.views(self.slots[instr.slot])
         if self.store.shared:
             views.update(self.store.shared.views(self.shared_weights))
         return [views[name] for name in stage.params]
@@ -261,19 +266,25 @@ class Engine:
         for name, grad in zip(stage.inputs, input_grads):
             if grad is not None:
                 self.grads[name] = grad if name not in self.grads else self.grads[name] + grad
-        self.grad_of[instr.stage] = self._flatten_grads(instr.stage, stage, weight_grads)
+        if instr.stage in self.resident:
+            self._flatten_grads(instr.stage, stage, weight_grads, self.store.groups[instr.stage].grad)
+        else:
+            flat = self.grad_pool.pop() if self.grad_pool else torch.zeros(
+                self.slot_numel, dtype=self.compute_dtype, device=self.device)
+            self.grad_of[instr.stage] = self._flatten_grads(instr.stage, stage, weight_grads, flat)
 
-    def _flatten_grads(self, index, stage, weight_grads) -> torch.Tensor:
-        """Own gradients into one flat buffer (one copy-out); shared ones add up in fp32 on the device."""
-        flat = self.grad_pool.pop() if self.grad_pool else torch.zeros(
-            self.slot_numel, dtype=self.compute_dtype, device=self.device)
+    def _flatten_grads(self, index, stage, weight_grads, flat: torch.Tensor) -> torch.Tensor:
+        """Own gradients into one flat buffer (one copy-out, or the resident gradient); shared ones add up
+        in fp32 on the device."""
         own = {piece.name: piece for piece in self.store.groups[index].slices}
         shared = {piece.name: piece for piece in self.store.shared.slices} if self.store.shared else {}
         for name, grad in zip(stage.params, weight_grads):
-            if grad is None:
-                continue
-            if name in own:
+            if name in own and grad is None:
+                Group.view(flat, own[name]).zero_()  # the buffer is reused: no stale gradient
+            elif name in own:
                 Group.view(flat, own[name]).copy_(grad)
+            elif grad is None:
+                continue
             else:
                 Group.view(self.shared_grad, shared[name]).add_(grad)
         if self.clip_grad_norm is not None:
@@ -281,30 +292,30 @@ class Engine:
             self.norms.update(zip(names, parameter_norms([Group.view(flat, own[n]) for n in names])))
         return flat
 
-    # -- cpu stream: each returns the part the worker thread runs ----------------------------------------
+    # -- the global norm and the updates --------------------------------------------------------------
     def _clip(self, instr):
         if self.store.shared:
             views = self.store.shared.views(self.shared_grad)
             self.norms.update(zip(views, parameter_norms(list(views.values()))))
-        with torch.cuda.stream(self.compute) if self.cuda else nullcontext():
-            total, coef = clip_coefficient([self.norms[name] for name in self.store.order if name in self.norms],
-                                           self.clip_grad_norm)
-            self.clip_host.copy_(torch.stack([total, coef]), non_blocking=True)
-            ready = torch.cuda.Event() if self.cuda else None
-            if ready is not None:
-                ready.record(self.compute)
+        total, self.clip_coef = clip_coefficient(
+            [self.norms[name] for name in self.store.order if name in self.norms], self.clip_grad_norm)
+        self.clip_host.copy_(torch.stack([total, self.clip_coef]), non_blocking=True)
 
-        def finish():
-            if ready is not None:
-                ready.synchronize()
-            self.last_grad_norm = float(self.clip_host[0])
-            self.clip_coef = self.clip_host[1].clone()
-        return finish
+    @property
+    def last_grad_norm(self) -> float | None:
+        """The global gradient norm before clipping, of the last step issued (read after synchronize())."""
+        return float(self.clip_host[0]) if self.clip_grad_norm is not None and self.step_index else None
 
     def _optimizer(self, instr):
-        group = self.store.shared if instr.stage == SHARED else self.store.groups[instr.stage]
+        """A resident stage is updated now, on the device; otherwise returns the update for the CPU thread,
+        which runs it once the gradient has landed (and the clip coefficient with it)."""
         clip = self.clip_grad_norm is not None
-        return lambda: adamw_step(group, self.optimizer, self.scratch, self.clip_coef if clip else None)
+        if instr.stream == "compute":
+            adamw_step(self.store.groups[instr.stage], self.optimizer, self.device_scratch,
+                       self.clip_coef if clip else None)
+            return None
+        group = self.store.shared if instr.stage == SHARED else self.store.groups[instr.stage]
+        return lambda: adamw_step(group, self.optimizer, self.scratch, self.clip_host[1] if clip else None)
 
     # -- measurement --------------------------------------------------------------------------------
     def start_trace(self) -> None:

@@ -9,19 +9,15 @@ from __future__ import annotations
 
 import torch
 
+from mtc.config import OPTIMIZER_CHUNK as CHUNK
 from mtc.config import AdamW
 
 from .store import Group
 
-CHUNK = 1 << 22
-"""Elements per pass (16 MiB of fp32 per buffer). Small enough that a chunk's gradient and weights are
-still in the last-level cache when the next pass reads them; large enough that the three op launches
-per chunk (~20 us each) are noise against the ~1 ms a chunk's update takes at 4 G params/s."""
 
-
-def scratch_for(groups: list[Group]) -> torch.Tensor:
-    """The fp32 scratch one optimizer thread needs: a chunk of the largest group."""
-    return torch.empty(min(CHUNK, max((g.numel for g in groups), default=0)), dtype=torch.float32)
+def scratch_for(groups: list[Group], device="cpu") -> torch.Tensor:
+    """The fp32 scratch one optimizer lane needs: a chunk of the largest group."""
+    return torch.empty(min(CHUNK, max((g.numel for g in groups), default=0)), dtype=torch.float32, device=device)
 
 
 def adamw_step(group: Group, hp: AdamW, scratch: torch.Tensor, clip_coef: torch.Tensor | None = None) -> None:

@@ -48,26 +48,39 @@ def layout(params: list[tuple[str, torch.Size]]) -> tuple[list[Slice], int]:
     return slices, offset
 
 
+STREAMED, SHARED, RESIDENT = "streamed", "shared", "resident"
+"""Kinds of group: a stage whose weights stream; the tied weights (on the device all step, updated on the
+host); a stage kept whole on the device (weights, gradient, master and moments; updated there)."""
+
+
 class Group:
-    def __init__(self, name: str, params: list[tuple[str, torch.Size]], compute_dtype: torch.dtype,
-                 pin: bool, grad_in_stream: bool):
-        self.name = name
+    def __init__(self, name: str, params: list[tuple[str, torch.Size]], compute_dtype: torch.dtype, kind: str,
+                 device: torch.device):
+        self.name, self.kind = name, kind
         self.slices, self.numel = layout(params)
-        self.master = torch.zeros(self.numel, dtype=torch.float32)
+        on = device if kind == RESIDENT else torch.device("cpu")
+        self.master = torch.zeros(self.numel, dtype=torch.float32, device=on)
         self.exp_avg = torch.zeros_like(self.master)
         self.exp_avg_sq = torch.zeros_like(self.master)
-        self.step = torch.zeros((), dtype=torch.float32)
-        self.stream = self.master if compute_dtype == torch.float32 else torch.zeros(self.numel, dtype=compute_dtype)
-        self.grad = self.stream if grad_in_stream else torch.zeros_like(self.master)
-        if pin:
+        self.step = torch.zeros((), dtype=torch.float32, device=on)
+        self.stream = self.master if compute_dtype == torch.float32 else torch.zeros(
+            self.numel, dtype=compute_dtype, device=on)
+        grad_in_stream = kind == STREAMED and compute_dtype != torch.float32
+        self.grad = self.stream if grad_in_stream else torch.zeros(
+            self.numel, dtype=compute_dtype if kind == RESIDENT else torch.float32, device=on)
+        if device.type == "cuda" and kind != RESIDENT:
             for buffer in {id(b): b for b in (self.stream, self.grad) if b is not self.master}.values():
                 pin_in_place(buffer)
 
     @staticmethod
-    def host_bytes(numel: int, compute_dtype: torch.dtype, grad_in_stream: bool) -> int:
-        """Bytes a group of `numel` elements allocates: what the preflight check adds up."""
-        stream = 0 if compute_dtype == torch.float32 else numel * compute_dtype.itemsize
-        return numel * 12 + stream + (0 if grad_in_stream else numel * 4)
+    def host_bytes(numel: int, compute_dtype: torch.dtype, kind: str, device: torch.device) -> int:
+        """Host bytes a group of `numel` elements allocates: what the preflight check adds up."""
+        if kind == RESIDENT and device.type != "cpu":
+            return 0
+        low = compute_dtype != torch.float32
+        stream = numel * compute_dtype.itemsize if low else 0
+        grad = 0 if kind == STREAMED and low else numel * (compute_dtype.itemsize if kind == RESIDENT else 4)
+        return numel * 12 + stream + grad
 
     def load(self, values: dict[str, torch.Tensor]) -> None:
         for piece in self.slices:
@@ -152,24 +165,25 @@ class StateStore:
 
     def __init__(self, stage_params: list[list[str]], shared: list[str], params: dict[str, torch.Tensor],
                  buffers: dict[str, torch.Tensor], compute_dtype: torch.dtype, device: torch.device,
-                 model: torch.nn.Module | None = None, init=None, progress: bool = True):
+                 model: torch.nn.Module | None = None, init=None, progress: bool = True,
+                 resident: list[int] = ()):
         init = init or reset_parameters
         shared_set = set(shared)
-        pin = device.type == "cuda"
-        bf16 = compute_dtype != torch.float32
-        specs = [(f"stage{i}", [n for n in names if n not in shared_set], bf16) for i, names in enumerate(stage_params)]
+        specs = [(f"stage{i}", [n for n in names if n not in shared_set], RESIDENT if i in resident else STREAMED)
+                 for i, names in enumerate(stage_params)]
         if shared:
-            specs.append(("shared", list(shared), False))
+            specs.append(("shared", list(shared), SHARED))
         sizes = [layout([(n, params[n].shape) for n in names])[1] for _, names, _ in specs]
-        needed = sum(Group.host_bytes(numel, compute_dtype, in_stream)
-                     for numel, (_, _, in_stream) in zip(sizes, specs))
-        self.host_bytes, self.pinned_bytes = needed, sum(
-            numel * compute_dtype.itemsize for numel in sizes) if pin else 0
+        needed = sum(Group.host_bytes(numel, compute_dtype, kind, device) for numel, (_, _, kind) in zip(sizes, specs))
+        self.host_bytes = needed
+        self.host_params = sum(numel for numel, (_, _, kind) in zip(sizes, specs)
+                               if Group.host_bytes(numel, compute_dtype, kind, device))
+        """Elements whose state is on the host (host_bytes / host_params: bytes per parameter)."""
         available = available_host_bytes()
         if available is not None and needed > available:
             already = sum(p.numel() * p.element_size() for p in params.values() if not p.is_meta)
             raise HostMemoryError(
-                f"the training state needs {format_bytes(needed)} of host RAM ({needed / max(1, sum(sizes)):.1f} "
+                f"the training state needs {format_bytes(needed)} of host RAM ({needed / max(1, self.host_params):.1f} "
                 f"bytes per parameter: fp32 master and two Adam moments, plus the bf16 copy that streams) but only "
                 f"{format_bytes(available)} is available" + (
                     f"; the model's own materialised parameters hold {format_bytes(already)}: build it on the "
@@ -177,13 +191,14 @@ class StateStore:
 
         start = time.perf_counter()
         groups = []
-        with _progress(needed, progress, "mtc: building the state store" + (" (pinning)" if pin else "")) as bar:
-            for (name, names, in_stream), numel in zip(specs, sizes):
-                group = Group(name, [(n, params[n].shape) for n in names], compute_dtype, pin, in_stream)
+        total = sum(numel for numel in sizes)
+        with _progress(total, progress, "mtc: building the state store") as bar:
+            for (name, names, kind), numel in zip(specs, sizes):
+                group = Group(name, [(n, params[n].shape) for n in names], compute_dtype, kind, device)
                 with _values(model, params, names, init) as values:
                     group.load(values)
                 groups.append(group)
-                bar.update(Group.host_bytes(numel, compute_dtype, in_stream))
+                bar.update(numel)
         self.build_seconds = time.perf_counter() - start
         self.groups = groups[:len(stage_params)]
         self.shared = groups[len(stage_params)] if shared else None
@@ -224,5 +239,5 @@ def _progress(total: int, enabled: bool, description: str):
         from tqdm import tqdm
     except ImportError:  # tqdm is a dependency; this keeps a broken environment usable
         return contextlib.nullcontext(type("NoBar", (), {"update": lambda self, n: None})())
-    return tqdm(total=total, unit="B", unit_scale=True, desc=description, disable=not enabled or None,
+    return tqdm(total=total, unit=" params", unit_scale=True, desc=description, disable=not enabled or None,
                 leave=False)

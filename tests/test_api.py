@@ -43,7 +43,7 @@ def test_gpu_mem_too_small_says_how_many_bytes_are_needed():
     smallest = mtc.plan(llama(), peak, tokens(), device="cpu").plan.schedule
     assert smallest.slots == 1 and smallest.peak_bytes == peak
     roomy = mtc.plan(llama(), "1GB", tokens(), device="cpu").plan.schedule
-    assert roomy.slots == 4 and roomy.peak_bytes > peak
+    assert roomy.resident == list(range(len(roomy.stages))) and roomy.slots == 0  # nothing needs to stream
 
 
 @pytest.mark.parametrize("gpu_mem", ["lots", 0, "-3GB"])

@@ -8,9 +8,12 @@ from mtc.passes import trace
 from models import (BatchNormLM, KwargsLM, assert_same_training, gpt2, llama, mlp_stack, run_both,
                     tokens)
 
-# Budgets chosen so that the whole model does not fit: 2 or 3 weight slots of 5 or 10 stages.
-CASES = {"llama": (llama, "3.5MB"), "gpt2": (gpt2, "5.5MB"), "mlp_stack": (mlp_stack, "150KB")}
-SLOTS = {"llama": 2, "gpt2": 3, "mlp_stack": 3}
+# Budgets chosen so that the whole model does not fit: 2 to 4 weight slots of 5 or 10 stages, and
+# none, one or four stages resident (weights and AdamW state on the device, updated there).
+CASES = {"llama": (llama, "3.5MB"), "gpt2": (gpt2, "5.5MB"), "mlp_stack": (mlp_stack, "150KB"),
+         "llama_partly_resident": (llama, "15MB")}
+SLOTS = {"llama": 2, "gpt2": 3, "mlp_stack": 3, "llama_partly_resident": 4}
+RESIDENT = {"llama": 0, "gpt2": 1, "mlp_stack": 0, "llama_partly_resident": 4}
 
 
 @pytest.mark.parametrize("clip", [None, 1.0, 0.05])
@@ -22,7 +25,8 @@ def test_streamed_training_equals_eager(name, clip):
     step, reference, losses, reference_losses = run_both(model, gpu_mem, clip=clip)
     schedule = step.plan.schedule
     assert schedule.slots == SLOTS[name] < len(schedule.stages), "weights must stream through the slots"
-    if name != "mlp_stack":  # a chain of blocks: the whole model would not fit in gpu_mem
+    assert schedule.resident == list(range(RESIDENT[name]))
+    if name in ("llama", "gpt2"):  # a chain of blocks: the whole model would not fit in gpu_mem
         assert sum(p.numel() * 4 for p in reference.parameters()) > schedule.gpu_mem
     assert_same_training(step, reference, losses, reference_losses)
     if clip == 0.05:

@@ -59,10 +59,11 @@ def test_more_bandwidth_never_predicts_a_slower_step(costs, clip, faster):
     assert predicted_step_seconds(plan, H100) >= lower_bound_seconds(plan, H100) * (1 - 1e-12)
 
 
-def _chain(count=4, shared=False, clip=False):
+def _chain(count=4, shared=False, clip=False, resident=0):
     stages = [StageCost(f"stage{i}", "T", 1000, 2000, 4000, 100, 100, 1000, 10**6) for i in range(count)]
     share = StageCost("shared", "-", 10, 20, 40, 0, 0, 0, 0) if shared else None
-    return lower(schedule_pass(Costs(stages, 60 if shared else 0, share, {}, ("tensor",)), 1 << 40, clip, slots=2))
+    return lower(schedule_pass(Costs(stages, 60 if shared else 0, share, {}, ("tensor",)), 1 << 40, clip, slots=2,
+                               resident=resident))
 
 
 def _problems(plan) -> list[str]:
@@ -75,9 +76,32 @@ def _first(plan, op, stage=None):
     return next(i for i in plan.instrs if i.op == op and (stage is None or i.stage == stage))
 
 
-@pytest.mark.parametrize("shared, clip", [(False, False), (True, False), (True, True)])
-def test_the_reference_chain_is_valid(shared, clip):
-    validate(_chain(shared=shared, clip=clip), H100)
+@pytest.mark.parametrize("shared, clip, resident", [(False, False, 0), (True, False, 0), (True, True, 0),
+                                                     (False, False, 2), (True, True, 2), (False, True, 4)])
+def test_the_reference_chain_is_valid(shared, clip, resident):
+    plan = _chain(shared=shared, clip=clip, resident=resident)
+    validate(plan, H100)
+    copied = {i.stage for i in plan.instrs if i.op in ("copy_in", "copy_out")}
+    assert copied.isdisjoint(range(resident)) and set(range(resident, 4)) <= copied
+    gpu_updates = [i.stage for i in plan.instrs if i.op == "optimizer" and i.stream == "compute"]
+    assert sorted(gpu_updates) == list(range(resident))
+
+
+def test_the_scheduler_keeps_stages_resident_in_forward_order_while_they_fit():
+    stages = [StageCost(f"stage{i}", "T", 1000, 2000, 2000, 100, 100, 1000, 10**6) for i in range(6)]
+    costs = Costs(stages, 0, None, {}, ("tensor",))
+    streamed = schedule_pass(costs, 1 << 40, False, resident=0)
+    resident_each = 2000 + 2000 + 12 * 1000
+    partial = schedule_pass(costs, streamed.peak_bytes + 2 * resident_each + 4 * 5096, False, slots=streamed.slots)
+    assert partial.resident == [0, 1] and partial.peak_bytes <= partial.gpu_mem
+    assert schedule_pass(costs, 1 << 40, False).resident == list(range(6))
+
+
+def test_a_resident_stage_that_is_copied_in_is_rejected():
+    plan = _chain(resident=2)
+    copy_in = _first(plan, "copy_in", 2)
+    copy_in.stage = 1
+    assert any("resident stage1 is copied in" in p for p in _problems(plan))
 
 
 def test_a_compute_that_does_not_wait_for_its_copy_in_is_rejected():

@@ -1,0 +1,256 @@
+"""`mtc bench`: train a preset on the GPU, measure where the step's time goes, and compare it with the
+same model trained GPU-resident by eager PyTorch in the same process.
+
+What is counted (printed with the results too):
+- tokens/s: batch x sequence tokens per step / wall seconds per step, steps issued back to back, the
+  clock stopped once the device and the CPU optimizer have finished the last one.
+- model TFLOP/s: 6 * P * T per step (P: every parameter, embedding and head included, tied ones once;
+  T: tokens per step). Recomputation and attention's T^2 terms are not counted.
+- lower bound: the busiest resource in one measured step: compute-stream busy time, bytes copied in /
+  the measured pinned host-to-device rate, bytes copied out / the device-to-host rate, the CPU
+  optimizer's busy time; achieved/bound = bound / measured step time.
+- optimizer hidden: the share of the CPU optimizer's busy time during which the compute stream was busy.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import resource
+import time
+
+import torch
+
+import mtc
+from mtc.codegen.stream_plan import STREAMS
+from mtc.config import format_bytes, parse_bytes
+from mtc.examples import models
+
+GB = 1e9
+
+
+def run(preset: str, batch: tuple[int, int], gpu_mem: str = "80GB", steps: int = 5, warmup: int = 2,
+        clip: float | None = 1.0, vs_eager: bool = False, trace_path: str | None = None,
+        cpu_threads: int | None = None) -> dict:
+    if not torch.cuda.is_available():
+        raise RuntimeError("mtc bench measures a GPU and torch sees none")
+    device = torch.device("cuda")
+    sequences, seq = batch
+    tokens = sequences * seq
+    generator = torch.Generator().manual_seed(0)
+    inputs = [tuple(torch.randint(0, models.PRESETS[preset].vocab_size, (sequences, seq), generator=generator)
+                    .to(device) for _ in range(2)) for _ in range(2)]
+    result = {"preset": preset, "batch": f"{sequences}x{seq}", "tokens_per_step": tokens, "gpu_mem": gpu_mem,
+              "clip": clip, "device": torch.cuda.get_device_name(device), "torch": torch.__version__,
+              "date": time.strftime("%Y-%m-%d"), "ceilings": copy_ceilings(device)}
+
+    rss_before = _rss_bytes()
+    started = time.perf_counter()
+    model = models.build(preset, device="meta")
+    params = models.parameter_count(model)
+    step = mtc.compile(model, gpu_mem=gpu_mem, example=inputs[0], clip_grad_norm=clip, device=device,
+                       init=models.init_weights, cpu_threads=cpu_threads, optimizer=mtc.AdamW(lr=1e-4))
+    store = step._store
+    mine = {"params": params, "compile_s": time.perf_counter() - started, "slots": step.plan.schedule.slots,
+            "planned_peak_bytes": step.plan.schedule.peak_bytes, "store_build_s": store.build_seconds,
+            "host_state_bytes": store.host_bytes, "host_state_params": store.host_params,
+            "host_state_bytes_per_param": store.host_bytes / max(1, store.host_params),
+            "resident_stages": len(step.plan.schedule.resident), "stages": len(step.plan.schedule.stages),
+            "cpu_threads": step._engine.cpu_threads}
+    mine["host_rss_added_bytes_per_param"] = (_rss_bytes() - rss_before) / params
+    mine.update(_time_steps(lambda i: step(*inputs[i % 2]), step.synchronize, steps, warmup, tokens, params,
+                            device))
+    mine.update(_traced_steps(step, inputs, result["ceilings"], mine["step_s"], trace_path))
+    mine["peak_host_rss_bytes"] = _peak_rss_bytes()
+    mine["within_gpu_mem"] = mine["peak_gpu_reserved_bytes"] <= parse_bytes(gpu_mem, "gpu_mem")
+    result["mtc"] = mine
+    del step, store, model
+    gc.collect()
+    torch.cuda.empty_cache()
+
+    if vs_eager:
+        result["eager"] = _eager(preset, inputs, clip, steps, warmup, tokens, params, device)
+        if "step_s" in result["eager"]:
+            result["ratio_to_eager"] = result["eager"]["step_s"] / mine["step_s"]
+    return result
+
+
+def copy_ceilings(device, size: int = 1 << 29) -> dict:
+    """Pinned host<->device copy rates, alone and both at once (bytes/s), best of 5."""
+    host = torch.empty(size, dtype=torch.uint8, pin_memory=True)
+    back = torch.empty(size, dtype=torch.uint8, pin_memory=True)
+    gpu_in, gpu_out = (torch.empty(size, dtype=torch.uint8, device=device) for _ in range(2))
+    streams = torch.cuda.Stream(device), torch.cuda.Stream(device)
+
+    def best(*copies):
+        times = []
+        for _ in range(5):
+            torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            for stream, (dst, src) in zip(streams, copies):
+                with torch.cuda.stream(stream):
+                    dst.copy_(src, non_blocking=True)
+            torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    both = best((gpu_in, host), (back, gpu_out))
+    return {"h2d_bytes_per_s": size / best((gpu_in, host)), "d2h_bytes_per_s": size / best((back, gpu_out)),
+            "both_bytes_per_s": 2 * size / both}
+
+
+def _time_steps(one_step, synchronize, steps, warmup, tokens, params, device) -> dict:
+    for index in range(warmup):
+        one_step(index)
+    synchronize()
+    segments = torch.cuda.memory_stats(device).get("segment.all.allocated", 0)
+    host = _host_allocations()
+    torch.cuda.reset_peak_memory_stats(device)
+    started = time.perf_counter()
+    losses = [one_step(index) for index in range(steps)]
+    synchronize()
+    seconds = (time.perf_counter() - started) / steps
+    return {"step_s": seconds, "tokens_per_s": tokens / seconds, "model_tflops": 6 * params * tokens / seconds / 1e12,
+            "losses": [float(loss) for loss in losses],
+            "peak_gpu_allocated_bytes": torch.cuda.max_memory_allocated(device),
+            "peak_gpu_reserved_bytes": torch.cuda.max_memory_reserved(device),
+            "device_mallocs_while_timed": torch.cuda.memory_stats(device).get("segment.all.allocated", 0) - segments,
+            "pinned_allocs_while_timed": (_host_allocations() - host) if host is not None else None}
+
+
+def _host_allocations() -> int | None:
+    stats = getattr(torch.cuda, "host_memory_stats", None)
+    return stats().get("num_host_alloc") if stats else None
+
+
+def _traced_steps(step, inputs, ceilings, step_s, trace_path) -> dict:
+    """Two steps back to back with every instruction timed; figures from the second."""
+    engine = step._engine
+    engine.start_trace()
+    for index in range(2):
+        step(*inputs[index])
+    rows = engine.stop_trace()
+    if trace_path:
+        with open(trace_path, "w") as f:
+            json.dump(measured_chrome_trace(rows, engine.plan), f)
+    second = [r for r in rows if r[0] == max(r[0] for r in rows)]
+    busy = {stream: sum(end - start for _, instr, start, end in second if instr.stream == stream)
+            for stream in STREAMS}
+    bytes_in = sum(instr.bytes for _, instr, _, _ in second if instr.op == "copy_in")
+    bytes_out = sum(instr.bytes for _, instr, _, _ in second if instr.op == "copy_out")
+    bounds = {"compute": busy["compute"], "copy_in": bytes_in / ceilings["h2d_bytes_per_s"],
+              "copy_out": bytes_out / ceilings["d2h_bytes_per_s"], "cpu_optimizer": busy["cpu"]}
+    compute = [(start, end) for _, instr, start, end in rows if instr.stream == "compute"]
+    # The first step's updates: the second step's forward is what they should hide behind.
+    optimizer = [(start, end) for step, instr, start, end in rows if instr.stream == "cpu" and step != second[0][0]]
+    optimizer_total = sum(end - start for start, end in optimizer)
+    hidden = sum(_overlap(interval, compute) for interval in optimizer)
+    bound = max(bounds.values())
+    return {"busy_s": busy, "bytes_in_per_step": bytes_in, "bytes_out_per_step": bytes_out,
+            "h2d_gb_per_s_average": bytes_in / step_s / GB, "d2h_gb_per_s_average": bytes_out / step_s / GB,
+            "h2d_gb_per_s_while_copying": bytes_in / max(busy["h2d"], 1e-9) / GB,
+            "d2h_gb_per_s_while_copying": bytes_out / max(busy["d2h"], 1e-9) / GB,
+            "lower_bound_s": bound, "bound_by": max(bounds, key=bounds.get), "bounds_s": bounds,
+            "achieved_over_bound": bound / step_s,
+            "optimizer_hidden_fraction": hidden / optimizer_total if optimizer_total else 1.0}
+
+
+def _overlap(interval, intervals) -> float:
+    start, end = interval
+    return sum(max(0.0, min(end, e) - max(start, s)) for s, e in intervals)
+
+
+def measured_chrome_trace(rows, plan) -> dict:
+    """Measured intervals as a Chrome / Perfetto trace: one lane per stream, the CPU optimizer's included."""
+    events = [{"name": "process_name", "ph": "M", "pid": 0, "args": {"name": "mtc measured step"}}]
+    events += [{"name": "thread_name", "ph": "M", "pid": 0, "tid": index, "args": {"name": stream}}
+               for index, stream in enumerate(STREAMS)]
+    for step, instr, start, end in rows:
+        events.append({"name": f"{instr.op} {plan.stage_name(instr.stage)}", "ph": "X", "pid": 0,
+                       "tid": STREAMS.index(instr.stream), "ts": start * 1e6, "dur": (end - start) * 1e6,
+                       "args": {"step": step, "id": instr.id, "bytes": instr.bytes}})
+    return {"traceEvents": events, "displayTimeUnit": "ms"}
+
+
+class _Checkpointed(torch.nn.Module):
+    """The eager baseline's recompute policy: a block's internals recomputed in backward, as mtc does."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+
+    def forward(self, *args):
+        return torch.utils.checkpoint.checkpoint(self.block, *args, use_reentrant=False)
+
+
+def _eager(preset, inputs, clip, steps, warmup, tokens, params, device) -> dict:
+    """The ceiling: the same model GPU-resident (fp32 master, bf16 autocast, fused AdamW on the GPU)."""
+    try:
+        model = models.build(preset, device=device)
+        model.layers = torch.nn.ModuleList(_Checkpointed(block) for block in model.layers)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+
+        def one_step(index):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(*inputs[index % 2])
+            loss.backward()
+            if clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return loss.detach()
+
+        return _time_steps(one_step, lambda: torch.cuda.synchronize(device), steps, warmup, tokens, params, device)
+    except torch.OutOfMemoryError as error:
+        return {"does_not_fit": str(error).splitlines()[0]}
+    finally:
+        model = optimizer = None
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def table(result: dict) -> str:
+    mine, eager = result["mtc"], result.get("eager", {})
+    rows = [("step (s)", f"{mine['step_s']:.3f}", _get(eager, "step_s", "{:.3f}")),
+            ("tokens/s", f"{mine['tokens_per_s']:,.0f}", _get(eager, "tokens_per_s", "{:,.0f}")),
+            ("model TFLOP/s (6PT)", f"{mine['model_tflops']:.0f}", _get(eager, "model_tflops", "{:.0f}")),
+            ("peak GPU allocated", format_bytes(mine["peak_gpu_allocated_bytes"]),
+             _get(eager, "peak_gpu_allocated_bytes", None)),
+            ("peak GPU reserved (within gpu_mem?)",
+             f"{format_bytes(mine['peak_gpu_reserved_bytes'])} {'yes' if mine['within_gpu_mem'] else 'NO'}",
+             _get(eager, "peak_gpu_reserved_bytes", None)),
+            ("device mallocs / pinned allocs while timed",
+             f"{mine['device_mallocs_while_timed']} / {mine['pinned_allocs_while_timed']}", "")]
+    lines = [f"mtc bench {result['preset']} {result['batch']} gpu_mem={result['gpu_mem']} clip={result['clip']} "
+             f"on {result['device']} ({result['date']})",
+             f"{'':<44}{'mtc':>14}{'eager':>14}"]
+    lines += [f"{name:<44}{a:>14}{b:>14}" for name, a, b in rows]
+    if "ratio_to_eager" in result:
+        lines.append(f"mtc / eager tokens/s: {result['ratio_to_eager']:.3f}")
+    elif eager:
+        lines.append(f"eager: {eager.get('does_not_fit', '')}")
+    bounds = ", ".join(f"{k} {v:.3f}" for k, v in mine["bounds_s"].items())
+    lines += [f"lower bound {mine['lower_bound_s']:.3f} s ({mine['bound_by']}; {bounds}); "
+              f"achieved/bound {mine['achieved_over_bound']:.2f}",
+              f"H2D {mine['h2d_gb_per_s_average']:.1f} GB/s average, {mine['h2d_gb_per_s_while_copying']:.1f} "
+              f"while copying; D2H {mine['d2h_gb_per_s_average']:.1f} / {mine['d2h_gb_per_s_while_copying']:.1f}; "
+              f"optimizer hidden {100 * mine['optimizer_hidden_fraction']:.0f}%",
+              f"host: state {mine['host_state_bytes_per_param']:.2f} B/param, RSS added by compile "
+              f"{mine['host_rss_added_bytes_per_param']:.2f} B/param, peak RSS "
+              f"{format_bytes(mine['peak_host_rss_bytes'])}; {mine['slots']} slots, {mine['cpu_threads']} "
+              f"optimizer threads"]
+    return "\n".join(lines)
+
+
+def _get(values: dict, key: str, form: str | None) -> str:
+    if key not in values:
+        return "-"
+    return format_bytes(values[key]) if form is None else form.format(values[key])
