@@ -2,8 +2,9 @@
 same model trained GPU-resident by eager PyTorch in the same process.
 
 What is counted (printed with the results too):
-- tokens/s: batch x sequence tokens per step / wall seconds per step, steps issued back to back, the
-  clock stopped once the device and the CPU optimizer have finished the last one.
+- tokens/s: batch x sequence tokens per step / wall seconds per step in steady state: steps issued back
+  to back, the clock running from the device finishing one step to it finishing the last (the CPU
+  updates of a step overlap the next one, so each step pays for one step's updates).
 - model TFLOP/s: 6 * P * T per step (P: every parameter, embedding and head included, tied ones once;
   T: tokens per step). Recomputation and attention's T^2 terms are not counted.
 - lower bound: the busiest resource in one measured step: compute-stream busy time, bytes copied in /
@@ -99,16 +100,21 @@ def copy_ceilings(device, size: int = 1 << 29) -> dict:
 
 
 def _time_steps(one_step, synchronize, steps, warmup, tokens, params, device) -> dict:
+    """Steady state: the clock runs from the device finishing one step to it finishing `steps` more, so
+    the CPU updates that overlap the next step are counted once, as they are in a long run."""
     for index in range(warmup):
         one_step(index)
     synchronize()
     segments = torch.cuda.memory_stats(device).get("segment.all.allocated", 0)
     host = _host_allocations()
     torch.cuda.reset_peak_memory_stats(device)
+    one_step(warmup)
+    torch.cuda.synchronize(device)
     started = time.perf_counter()
     losses = [one_step(index) for index in range(steps)]
-    synchronize()
+    torch.cuda.synchronize(device)
     seconds = (time.perf_counter() - started) / steps
+    synchronize()
     return {"step_s": seconds, "tokens_per_s": tokens / seconds, "model_tflops": 6 * params * tokens / seconds / 1e12,
             "losses": [float(loss) for loss in losses],
             "peak_gpu_allocated_bytes": torch.cuda.max_memory_allocated(device),
