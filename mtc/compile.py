@@ -76,9 +76,9 @@ def plan(model, gpu_mem="80GB", example=None, clip: bool = False, device=None, c
     buffers = {**dict(model.named_buffers()), **traced.constants}
     inputs = traced.flatten_inputs(args, kwargs)
     costs = timed("costs", costs_pass, partition, params, buffers, inputs, compute_dtype, traced.unflatten_output)
-    schedule = timed("schedule", schedule_pass, costs, gpu_mem, clip)
-    stream_plan = timed("lower", lower, schedule)
     profile = H100 if device.type == "cuda" else CPU
+    schedule = timed("schedule", schedule_pass, costs, gpu_mem, clip, None, None, profile)
+    stream_plan = timed("lower", lower, schedule)
     timed("validate", validate, stream_plan, profile)
     templates = {}
     for stage in partition.stages:

@@ -34,8 +34,10 @@ class StageCost:
     forward_bytes: int
     """Peak transient bytes while the forward runs without autograd."""
     backward_bytes: int
-    """Peak transient bytes while the stage is recomputed and differentiated (upper estimate:
-    every non-view intermediate saved, plus the two largest gradients in flight and weight grads)."""
+    """Peak transient bytes while the stage is recomputed and differentiated: what autograd saves (at most
+    every intermediate once: on meta, attention decomposes and saves its full score matrix, which the
+    GPU's fused kernels never hold), two of the largest intermediate's size for the gradients in flight,
+    and the weight gradients."""
     forward_flops: int
 
 
@@ -64,16 +66,18 @@ def costs_pass(partition: Partition, params: dict[str, torch.Tensor], buffers: d
         stage_inputs = [env[name] for name in stage.inputs]
         args = [weights[p] for p in stage.params] + [meta(buffers[b]) for b in stage.buffers] + stage_inputs
         profile = _MemoryProfile(stage.template.function("meta"))
-        with FlopCounterMode(display=False) as flops:
+        saved = _SavedForBackward(known=args)
+        with FlopCounterMode(display=False) as flops, saved:
             outputs = profile.run(*args)
         env.update(zip(stage.outputs, outputs))
         own = [p for p in stage.params if p not in shared]
         own_bytes = sum(weights[p].nbytes for p in own)
         grad_bytes = own_bytes  # in the compute dtype until it reaches the host
-        saved = sum(t.nbytes for t in stage_inputs if isinstance(t, torch.Tensor))
+        saved_inputs = sum(t.nbytes for t in stage_inputs if isinstance(t, torch.Tensor))
         results.append(StageCost(
             stage.name, stage.template.name, sum(weights[p].numel() for p in own), own_bytes, grad_bytes,
-            saved, profile.peak_forward, profile.saved_total + 2 * profile.largest + own_bytes,
+            saved_inputs, profile.peak_forward,
+            min(saved.bytes, profile.saved_total) + 2 * profile.largest + own_bytes,
             int(flops.get_total_flops())))
 
     output = unflatten_output(resolve_output(partition.output, env))
@@ -108,6 +112,29 @@ def find_loss(output):
 
 def _compute(param: torch.Tensor, compute_dtype: torch.dtype) -> torch.dtype:
     return compute_dtype if param.is_floating_point() else param.dtype
+
+
+class _SavedForBackward(torch.autograd.graph.saved_tensors_hooks):
+    """Bytes autograd keeps for the backward, each storage once, not counting the stage's own weights and
+    inputs (the slot and the kept boundary hold those)."""
+
+    def __init__(self, known):
+        self.known = {id(t) for t in known if isinstance(t, torch.Tensor)}
+        self.storages: dict[int, int] = {}
+        self.keep = []  # hold what was saved so ids stay unique while counting
+
+        def pack(tensor):
+            base = tensor if tensor._base is None else tensor._base
+            if id(tensor) not in self.known and id(base) not in self.known:
+                self.storages[id(base)] = base.nbytes
+                self.keep.append(base)
+            return tensor
+
+        super().__init__(pack, lambda tensor: tensor)
+
+    @property
+    def bytes(self) -> int:
+        return sum(self.storages.values())
 
 
 class _MemoryProfile(fx.Interpreter):

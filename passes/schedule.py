@@ -78,53 +78,89 @@ MAX_SLOTS = 4
 embedding or output head in forward) without holding a large share of the device for weights."""
 
 
+TIE = 0.01
+"""Predicted step times this close count as equal."""
+ALLOCATOR_HEADROOM = 0.05
+"""Share of gpu_mem the plan leaves unused: PyTorch's caching allocator reserved 4-7% more than the peak
+it had allocated in the H100 runs of BENCHMARKS.md (3B and 8B Llama shapes)."""
+
+
 def schedule_pass(costs: Costs, gpu_mem: int, clip: bool, slots: int | None = None,
-                  resident: int | None = None) -> Schedule:
-    """The fixed policy: the most weight slots (up to MAX_SLOTS, or exactly `slots`) that fit gpu_mem, then
-    the longest prefix of resident stages that still fits (or exactly `resident` stages)."""
+                  resident: int | None = None, profile=None) -> Schedule:
+    """The most weight slots (up to MAX_SLOTS, or exactly `slots`) that fit, then the resident stages.
+
+    Which stages stay resident: every plan whose streamed stages form one contiguous run [a, b) and that
+    fits is simulated on `profile`, and the fastest wins (ties: fewer streamed). A run that ends before the
+    output head can beat one that ends at it: the CPU's updates then keep pace with the next forward
+    instead of holding it back at its last stage. `resident=r` asks for exactly stages [0, r).
+    """
+    from mtc.codegen.stream_plan import lower, predicted_step_seconds  # the lowering predicts the plan's time
+    from mtc.config import H100
+
+    budget = int(gpu_mem * (1 - ALLOCATOR_HEADROOM))
     count = len(costs.stages)
     candidates = [slots] if slots else range(min(MAX_SLOTS, count), 0, -1)
     for k in candidates:
-        schedule = _fixed_plan(costs, gpu_mem, clip, max(1, min(k, count)), resident or 0)
-        if schedule.peak_bytes <= gpu_mem:
-            for resident in range(1, count + 1) if resident is None else ():
-                bigger = _fixed_plan(costs, gpu_mem, clip, schedule.slots, resident)
-                if bigger.peak_bytes > gpu_mem:
-                    break
-                schedule = bigger
-            return schedule
-    return _fixed_plan(costs, gpu_mem, clip, max(1, min(candidates[-1], count)), 0, check=True)  # raises
+        k = max(1, min(k, count))
+        streaming = _fixed_plan(costs, gpu_mem, clip, k, list(range(resident or 0)))
+        if streaming.peak_bytes > budget:
+            continue
+        if resident is not None:
+            return streaming
+        options = []
+        windows = [(a, b) for a in range(count) for b in range(a + 1, count + 1)] + [(0, 0)]
+        for a, b in windows:
+            plan = _fixed_plan(costs, gpu_mem, clip, k, [i for i in range(count) if not a <= i < b])
+            if plan.peak_bytes <= budget:
+                options.append((predicted_step_seconds(lower(plan), profile or H100), b - a, plan))
+        # Within 1% of the fastest, the plan that streams the fewest stages: copies and host updates it
+        # does not make cannot go wrong.
+        fastest = min(seconds for seconds, _, _ in options)
+        return min((o for o in options if o[0] <= fastest * (1 + TIE)), key=lambda o: o[1])[2]
+    return _fixed_plan(costs, gpu_mem, clip, max(1, min(candidates[-1], count)), [], check=True)  # raises
 
 
-def _fixed_plan(costs: Costs, gpu_mem: int, clip: bool, slots: int, resident: int, check: bool = False) -> Schedule:
-    """k slots for the streamed stages; stages [0, resident) on the device."""
+def needed_gpu_mem(peak_bytes: int) -> int:
+    """The smallest gpu_mem whose budget holds `peak_bytes`."""
+    gpu_mem = -(-peak_bytes * 100 // round(100 * (1 - ALLOCATOR_HEADROOM)))
+    while int(gpu_mem * (1 - ALLOCATOR_HEADROOM)) < peak_bytes:
+        gpu_mem += 1
+    return gpu_mem
+
+
+def _fixed_plan(costs: Costs, gpu_mem: int, clip: bool, slots: int, resident: list[int],
+                check: bool = False) -> Schedule:
+    """k slots for the streamed stages; the `resident` stages on the device."""
     stages = costs.stages
     count = len(stages)
     order = ([(i, "forward") for i in range(count - 1)] + [(count - 1, "loss")]
              + [(i, "backward") for i in reversed(range(count - 1))])
-    streamed = [s for i, s in enumerate(stages) if i >= resident]
+    kept = [stages[i] for i in resident]
+    streamed = [s for i, s in enumerate(stages) if i not in resident]
     slots = min(slots, len(streamed))
     uses, streamed_uses = [], 0
     for stage, phase in order:
         slot = None
-        if stage >= resident:
+        if stage not in resident:
             slot, streamed_uses = streamed_uses % slots, streamed_uses + 1
         uses.append(Use(stage, phase, slot))
     slot_bytes = max((s.weight_bytes for s in streamed), default=0)
-    on_device = sum(s.weight_bytes + s.grad_bytes + RESIDENT_STATE_BYTES * s.params for s in stages[:resident])
+    on_device = sum(s.weight_bytes + s.grad_bytes + RESIDENT_STATE_BYTES * s.params for s in kept)
     # The GPU update widens one chunk of gradients at a time to fp32.
-    scratch = 4 * min(OPTIMIZER_CHUNK, max((s.params for s in stages[:resident]), default=-ALIGN_SLACK) + ALIGN_SLACK)
+    scratch = 4 * min(OPTIMIZER_CHUNK, max((s.params for s in kept), default=-ALIGN_SLACK) + ALIGN_SLACK)
     resident_bytes = costs.resident_bytes + on_device + scratch
     schedule = Schedule(stages, costs.shared, uses, slots, slot_bytes, resident_bytes, gpu_mem, clip, 0,
-                        list(range(resident)))
+                        sorted(resident))
     peak, where = peak_memory(schedule)
     schedule.peak_bytes = peak
-    if check and peak > gpu_mem:
+    budget = int(gpu_mem * (1 - ALLOCATOR_HEADROOM))
+    if check and peak > budget:
         raise MemoryBudgetError(
             f"gpu_mem={format_bytes(gpu_mem)} ({gpu_mem} bytes) is too small: this plan needs "
             f"{format_bytes(peak)} ({peak} bytes) at its peak, in the {where}; that is {slots} weight slots of "
             f"{format_bytes(slot_bytes)}, {format_bytes(costs.resident_bytes)} resident, the kept boundary "
-            f"activations and the stage's working set. Give a larger gpu_mem or a smaller batch.", schedule)
+            f"activations and the stage's working set. With {ALLOCATOR_HEADROOM:.0%} left to the allocator "
+            f"that takes gpu_mem >= {needed_gpu_mem(peak)} bytes; give that or a smaller batch.", schedule)
     return schedule
 
 

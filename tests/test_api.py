@@ -1,6 +1,8 @@
 """The public face: plans print, save and load; bad input gets a clear error; the CLI works."""
 import json
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -39,11 +41,14 @@ def test_gpu_mem_too_small_says_how_many_bytes_are_needed():
     message = str(error.value)
     peak = error.value.schedule.peak_bytes
     assert "gpu_mem=" in message and f"needs {mtc.config.format_bytes(peak)} ({peak} bytes)" in message
-    # The number it names is the smallest plan's (one slot), and it is enough.
-    smallest = mtc.plan(llama(), peak, tokens(), device="cpu").plan.schedule
+    # The gpu_mem it names is enough for the smallest plan (one slot), and one byte less is not.
+    needed = int(re.search(r"gpu_mem >= (\d+) bytes", message).group(1))
+    smallest = mtc.plan(llama(), needed, tokens(), device="cpu").plan.schedule
     assert smallest.slots == 1 and smallest.peak_bytes == peak
+    with pytest.raises(ValueError, match="too small"):
+        mtc.plan(llama(), needed - 1, tokens(), device="cpu")
     roomy = mtc.plan(llama(), "1GB", tokens(), device="cpu").plan.schedule
-    assert roomy.resident == list(range(len(roomy.stages))) and roomy.slots == 0  # nothing needs to stream
+    assert roomy.resident and roomy.peak_bytes > peak  # room to keep stages on the device, and it does
 
 
 @pytest.mark.parametrize("gpu_mem", ["lots", 0, "-3GB"])
