@@ -132,9 +132,11 @@ def _traced_steps(step, inputs, ceilings, step_s, trace_path) -> dict:
     """Two steps back to back with every instruction timed; figures from the second."""
     engine = step._engine
     engine.start_trace()
+    waited = engine.host_wait_seconds
     for index in range(2):
         step(*inputs[index])
     rows = engine.stop_trace()
+    waited = engine.host_wait_seconds - waited
     if trace_path:
         with open(trace_path, "w") as f:
             json.dump(measured_chrome_trace(rows, engine.plan), f)
@@ -156,7 +158,7 @@ def _traced_steps(step, inputs, ceilings, step_s, trace_path) -> dict:
             "h2d_gb_per_s_while_copying": bytes_in / max(busy["h2d"], 1e-9) / GB,
             "d2h_gb_per_s_while_copying": bytes_out / max(busy["d2h"], 1e-9) / GB,
             "lower_bound_s": bound, "bound_by": max(bounds, key=bounds.get), "bounds_s": bounds,
-            "achieved_over_bound": bound / step_s,
+            "achieved_over_bound": bound / step_s, "issuer_waited_for_updates_s": waited / 2,
             "optimizer_hidden_fraction": hidden / optimizer_total if optimizer_total else 1.0}
 
 

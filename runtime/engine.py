@@ -119,6 +119,8 @@ class Engine:
         self.clip_coef = None
         """The last clip's coefficient on the device, for the device updates."""
         self.step_index = 0
+        self.host_wait_seconds = 0.0
+        """Time the issuing thread has spent waiting for host updates before copy-ins."""
         self.marks = None
         """While tracing: (step, instruction id) -> (start, end) as CUDA events or perf_counter seconds."""
 
@@ -171,7 +173,9 @@ class Engine:
             if step == 0:
                 continue
             if self.plan.instrs[w].stream == "cpu":
+                waited = time.perf_counter()
                 self.worker.wait(w, prev)  # the weights this copies must have been updated
+                self.host_wait_seconds += time.perf_counter() - waited
             elif self.cuda:
                 self._stream(instr.stream).wait_event(self.events[1 - self.parity][w])
         if not self.cuda:
