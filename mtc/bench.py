@@ -2,9 +2,10 @@
 same model trained GPU-resident by eager PyTorch in the same process.
 
 What is counted (printed with the results too):
-- tokens/s: batch x sequence tokens per step / wall seconds per step in steady state: steps issued back
-  to back, the clock running from the device finishing one step to it finishing the last (the CPU
-  updates of a step overlap the next one, so each step pays for one step's updates).
+- tokens/s: batch x sequence tokens per step / seconds per step in steady state: steps issued back to
+  back, each step's end marked by an event on the compute stream; the median interval between
+  consecutive ends (the CPU updates of a step overlap the next one, so each interval pays for one
+  step's updates). The mean over the same steps is in the JSON as mean_step_s.
 - model TFLOP/s: 6 * P * T per step (P: every parameter, embedding and head included, tied ones once;
   T: tokens per step). Recomputation and attention's T^2 terms are not counted.
 - lower bound: the busiest resource in one measured step: compute-stream busy time, bytes copied in /
@@ -17,6 +18,7 @@ from __future__ import annotations
 import gc
 import json
 import resource
+import statistics
 import time
 
 import torch
@@ -109,13 +111,20 @@ def _time_steps(one_step, synchronize, steps, warmup, tokens, params, device) ->
     host = _host_allocations()
     torch.cuda.reset_peak_memory_stats(device)
     one_step(warmup)
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
+    ends[0].record()
     torch.cuda.synchronize(device)
     started = time.perf_counter()
-    losses = [one_step(index) for index in range(steps)]
+    losses = []
+    for index, end in enumerate(ends[1:]):
+        losses.append(one_step(index))
+        end.record()  # when the compute stream has finished this step
     torch.cuda.synchronize(device)
-    seconds = (time.perf_counter() - started) / steps
+    mean = (time.perf_counter() - started) / steps
     synchronize()
-    return {"step_s": seconds, "tokens_per_s": tokens / seconds, "model_tflops": 6 * params * tokens / seconds / 1e12,
+    # The median of the per-step intervals: one slow step (a noisy host) does not move it.
+    seconds = statistics.median(a.elapsed_time(b) / 1e3 for a, b in zip(ends, ends[1:]))
+    return {"step_s": seconds, "mean_step_s": mean, "tokens_per_s": tokens / seconds, "model_tflops": 6 * params * tokens / seconds / 1e12,
             "losses": [float(loss) for loss in losses],
             "peak_gpu_allocated_bytes": torch.cuda.max_memory_allocated(device),
             "peak_gpu_reserved_bytes": torch.cuda.max_memory_reserved(device),
