@@ -12,6 +12,7 @@ What is counted (printed with the results too):
   the measured pinned host-to-device rate, bytes copied out / the device-to-host rate, the CPU
   optimizer's busy time; achieved/bound = bound / measured step time.
 - optimizer hidden: the share of the CPU optimizer's busy time during which the compute stream was busy.
+- memory: the mtc run is held to gpu_mem with torch.cuda.set_per_process_memory_fraction.
 """
 from __future__ import annotations
 
@@ -46,6 +47,10 @@ def run(preset: str, batch: tuple[int, int], gpu_mem: str = "80GB", steps: int =
               "clip": clip, "device": torch.cuda.get_device_name(device), "torch": torch.__version__,
               "date": time.strftime("%Y-%m-%d"), "ceilings": copy_ceilings(device)}
 
+    # Hold the run to gpu_mem: past it the caching allocator frees its cache and retries, and fails
+    # rather than borrow memory the budget does not have.
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, parse_bytes(gpu_mem, "gpu_mem") / total), device)
     rss_before = _rss_bytes()
     started = time.perf_counter()
     model = models.build(preset, device="meta")
@@ -69,6 +74,7 @@ def run(preset: str, batch: tuple[int, int], gpu_mem: str = "80GB", steps: int =
     del step, store, model
     gc.collect()
     torch.cuda.empty_cache()
+    torch.cuda.set_per_process_memory_fraction(1.0, device)
 
     if vs_eager:
         result["eager"] = _eager(preset, inputs, clip, steps, warmup, tokens, params, device)
