@@ -37,7 +37,7 @@ def run(preset: str, batch: tuple[int, int], gpu_mem: str = "80GB", steps: int =
         cpu_threads: int | None = None) -> dict:
     if not torch.cuda.is_available():
         raise RuntimeError("mtc bench measures a GPU and torch sees none")
-    device = torch.device("cuda")
+    device = torch.device("cuda", torch.cuda.current_device())
     sequences, seq = batch
     tokens = sequences * seq
     generator = torch.Generator().manual_seed(0)
