@@ -130,12 +130,13 @@ def _time_steps(one_step, synchronize, steps, warmup, tokens, params, device) ->
     synchronize()
     # The median of the per-step intervals: one slow step (a noisy host) does not move it.
     seconds = statistics.median(a.elapsed_time(b) / 1e3 for a, b in zip(ends, ends[1:]))
-    return {"step_s": seconds, "mean_step_s": mean, "tokens_per_s": tokens / seconds, "model_tflops": 6 * params * tokens / seconds / 1e12,
-            "losses": [float(loss) for loss in losses],
+    # Counted before the losses are read: loss.item() stages through a pinned buffer of its own.
+    allocations = {"device_mallocs_while_timed": torch.cuda.memory_stats(device).get("segment.all.allocated", 0)
+                   - segments, "pinned_allocs_while_timed": (_host_allocations() - host) if host is not None else None}
+    return {"step_s": seconds, "mean_step_s": mean, "tokens_per_s": tokens / seconds,
+            "model_tflops": 6 * params * tokens / seconds / 1e12, "losses": [float(loss) for loss in losses],
             "peak_gpu_allocated_bytes": torch.cuda.max_memory_allocated(device),
-            "peak_gpu_reserved_bytes": torch.cuda.max_memory_reserved(device),
-            "device_mallocs_while_timed": torch.cuda.memory_stats(device).get("segment.all.allocated", 0) - segments,
-            "pinned_allocs_while_timed": (_host_allocations() - host) if host is not None else None}
+            "peak_gpu_reserved_bytes": torch.cuda.max_memory_reserved(device), **allocations}
 
 
 def _host_allocations() -> int | None:

@@ -62,9 +62,11 @@ class Plan:
             stage_table(stages),
         ]
         lines += [
-            f"schedule: {schedule.slots} weight slots of {format_bytes(schedule.slot_bytes)}, "
-            f"{format_bytes(schedule.resident_bytes)} resident, boundaries kept, blocks recomputed in backward"
-            f"{', clip by global norm' if schedule.clip else ''}",
+            f"schedule: {len(schedule.stages) - len(schedule.resident)} stages stream through {schedule.slots} "
+            f"weight slots of {format_bytes(schedule.slot_bytes)} (AdamW on the host); "
+            f"{len(schedule.resident)} resident {_ranges(schedule.resident)} (AdamW on the device); "
+            f"{format_bytes(schedule.resident_bytes)} on the device all step; boundaries kept, blocks recomputed "
+            f"in backward{', clip by global norm' if schedule.clip else ''}",
             f"device peak {format_bytes(schedule.peak_bytes)} of {format_bytes(schedule.gpu_mem)}",
             f"per step: {format_bytes(sum(i.bytes for i in self.stream_plan.on('h2d')))} in, "
             f"{format_bytes(sum(i.bytes for i in self.stream_plan.on('d2h')))} out; predicted "
@@ -75,6 +77,18 @@ class Plan:
 
     def __str__(self) -> str:
         return self.summary() + "\n\n" + str(self.stream_plan)
+
+
+def _ranges(indices: list[int]) -> str:
+    """[0, 1, 2, 5] -> '(stages 0-2, 5)'."""
+    runs = []
+    for index in indices:
+        if runs and runs[-1][1] == index - 1:
+            runs[-1][1] = index
+        else:
+            runs.append([index, index])
+    text = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+    return f"(stages {text})" if runs else ""
 
 
 def stage_table(stages) -> str:
