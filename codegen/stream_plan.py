@@ -2,7 +2,8 @@
 across streams only by the events it waits on. The list order is a valid sequential order too:
 the CPU engine runs it as written; the CUDA engine issues each stream's part in that order.
 
-Streams: h2d (weight copy-in), compute, d2h (gradient copy-out), cpu (clipping and the optimizer).
+Streams: h2d (weight copy-in), compute (forward, backward, the clip norm, AdamW of resident stages),
+d2h (gradient copy-out), cpu (AdamW of streamed stages and the shared group, on the host).
 """
 from __future__ import annotations
 

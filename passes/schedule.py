@@ -2,12 +2,12 @@
 
 A fixed policy (the solver comes later):
 - k weight slots, as many as fit up to MAX_SLOTS, so copies run up to k - 1 stages ahead of compute;
-- then, in forward order, as many stages as still fit become *resident*: their weights, fp32 master
-  and AdamW moments live on the device all step and the GPU updates them, with no copies and no CPU
-  work. Forward order, because the next step's forward needs the first stages first: the CPU then
-  updates the last stages, which the next forward reaches last;
+- then the *resident* stages: their weights, gradient, fp32 master and AdamW moments live on the
+  device all step and the GPU updates them, with no copies and no CPU work. The streamed stages form
+  one contiguous run; every run that fits is simulated and the fastest kept (schedule_pass);
 - every stage's boundary input kept on the device, each stage's internals recomputed in its backward
-  while its weights are on the device (streamed weights cross twice a step).
+  while its weights are on the device (streamed weights cross twice a step);
+- ALLOCATOR_HEADROOM of gpu_mem left unplanned for the caching allocator.
 """
 from __future__ import annotations
 

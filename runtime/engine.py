@@ -1,13 +1,14 @@
 """engine: execute a StreamPlan against the state store.
 
-The device holds only `k` weight slots (flat buffers of the compute dtype), the resident shared
-weights and buffers, the kept boundary activations, two gradient buffers and one stage's working set:
-all allocated in the first step and reused after it.
+The device holds `k` weight slots (flat buffers of the compute dtype), the resident stages (weights,
+gradient, master and moments), the shared weights and buffers, the kept boundary activations, two
+gradient buffers for streamed stages and one stage's working set: all allocated by the first step and
+reused after it.
 
 On a GPU each instruction goes to its plan stream (copy-in and copy-out on streams of their own,
 compute on the caller's current stream), ordered across streams only by CUDA events; the main thread
-never waits for the GPU. The plan's cpu-stream instructions (clipping, AdamW) run in order on one
-worker thread, which waits for a gradient's copy-out event before updating it. The only host-side
+never waits for the GPU. The plan's cpu-stream instructions (host AdamW) run in order on one worker
+thread, which waits for a gradient's copy-out event (and the clip's) before updating it. The only host-side
 wait on the main thread is a copy-in waiting for the update of the weights it copies (the previous
 step's optimizer). On the CPU the same code runs with the streams as plain calls.
 """
