@@ -42,10 +42,10 @@ def test_every_plan_the_scheduler_makes_is_valid(costs, gpu_mem, clip):
     try:
         plan = plan_for(costs, gpu_mem, clip)
     except MemoryBudgetError as error:
-        assert error.schedule.peak_bytes > gpu_mem
+        assert error.schedule.peak_bytes > int(gpu_mem * (1 - ALLOCATOR_HEADROOM))
         assert str(error.schedule.peak_bytes) in str(error)  # says how many bytes are needed
         return
-    assert plan.schedule.peak_bytes <= gpu_mem
+    assert plan.schedule.peak_bytes <= int(gpu_mem * (1 - ALLOCATOR_HEADROOM))
     validate(plan, H100)
 
 
