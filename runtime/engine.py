@@ -18,6 +18,7 @@ import os
 import queue
 import threading
 import time
+import weakref
 from contextlib import nullcontext
 
 import torch
@@ -55,9 +56,16 @@ class Worker:
             self.pending += 1
         self.queue.put((instr_id, step, work))
 
+    def stop(self) -> None:
+        """Let the thread end once the work queued so far is done."""
+        self.queue.put(None)
+
     def _run(self) -> None:
         while True:
-            instr_id, step, work = self.queue.get()
+            item = self.queue.get()
+            if item is None:
+                return
+            (instr_id, step, work), item = item, None
             try:
                 if self.error is None:  # after a failure nothing more is updated: the error surfaces first
                     work()
@@ -112,6 +120,7 @@ class Engine:
             self.shared_grad = torch.zeros(store.shared.numel, dtype=torch.float32, device=device)
         self.functions = [stage.template.function(device) for stage in partition.stages]
         self.worker = Worker()
+        weakref.finalize(self, self.worker.stop)  # the thread holds no reference to the engine: it can go
         host_groups = [g for i, g in enumerate(store.all_groups()) if i not in self.resident]
         self.scratch = scratch_for(host_groups)
         self.device_scratch = scratch_for([store.groups[i] for i in self.resident], device)

@@ -81,3 +81,17 @@ def test_a_failing_update_is_raised_on_the_next_call(monkeypatch):
     assert isinstance(error.value.__cause__, FloatingPointError)
     with pytest.raises(RuntimeError, match="CPU optimizer failed"):
         step(*tokens())
+
+
+def test_the_optimizer_thread_ends_with_its_step():
+    import gc
+    import threading
+
+    step = mtc.compile(llama(), gpu_mem="3.5MB", example=tokens(), device="cpu")
+    step(*tokens())
+    thread = step._engine.worker.thread
+    assert thread.is_alive()
+    del step
+    gc.collect()
+    thread.join(timeout=10)
+    assert not thread.is_alive() and thread not in threading.enumerate()
