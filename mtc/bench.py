@@ -28,6 +28,7 @@ import mtc
 from mtc.codegen.stream_plan import STREAMS
 from mtc.config import format_bytes, parse_bytes
 from mtc.examples import models
+from mtc.probe import copy_rates
 
 GB = 1e9
 
@@ -45,7 +46,7 @@ def run(preset: str, batch: tuple[int, int], gpu_mem: str = "80GB", steps: int =
                     .to(device) for _ in range(2)) for _ in range(2)]
     result = {"preset": preset, "batch": f"{sequences}x{seq}", "tokens_per_step": tokens, "gpu_mem": gpu_mem,
               "clip": clip, "device": torch.cuda.get_device_name(device), "torch": torch.__version__,
-              "date": time.strftime("%Y-%m-%d"), "ceilings": copy_ceilings(device)}
+              "date": time.strftime("%Y-%m-%d"), "ceilings": _ceilings(device)}
 
     # Hold the run to gpu_mem: past it the caching allocator frees its cache and retries, and fails
     # rather than borrow memory the budget does not have.
@@ -83,28 +84,9 @@ def run(preset: str, batch: tuple[int, int], gpu_mem: str = "80GB", steps: int =
     return result
 
 
-def copy_ceilings(device, size: int = 1 << 29) -> dict:
-    """Pinned host<->device copy rates, alone and both at once (bytes/s), best of 5."""
-    host = torch.empty(size, dtype=torch.uint8, pin_memory=True)
-    back = torch.empty(size, dtype=torch.uint8, pin_memory=True)
-    gpu_in, gpu_out = (torch.empty(size, dtype=torch.uint8, device=device) for _ in range(2))
-    streams = torch.cuda.Stream(device), torch.cuda.Stream(device)
-
-    def best(*copies):
-        times = []
-        for _ in range(5):
-            torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            for stream, (dst, src) in zip(streams, copies):
-                with torch.cuda.stream(stream):
-                    dst.copy_(src, non_blocking=True)
-            torch.cuda.synchronize(device)
-            times.append(time.perf_counter() - start)
-        return min(times)
-
-    both = best((gpu_in, host), (back, gpu_out))
-    return {"h2d_bytes_per_s": size / best((gpu_in, host)), "d2h_bytes_per_s": size / best((back, gpu_out)),
-            "both_bytes_per_s": 2 * size / both}
+def _ceilings(device) -> dict:
+    rates = copy_rates(device, 1 << 29)
+    return {"h2d_bytes_per_s": rates["h2d"], "d2h_bytes_per_s": rates["d2h"], "both_bytes_per_s": rates["both"]}
 
 
 def _time_steps(one_step, synchronize, steps, warmup, tokens, params, device) -> dict:

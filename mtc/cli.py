@@ -32,6 +32,19 @@ def main(argv=None) -> int:
     plan.add_argument("--save", metavar="PATH", help="write the plan as JSON (read it with `mtc show`)")
     plan.add_argument("--instructions", action="store_true", help="print every stream instruction too")
 
+    plan.add_argument("--profile", default=None,
+                      help="hardware to plan for: h100, h200, a100, rtx4090, cpu or a saved profile's path "
+                           "(default: what `mtc probe` saved for this machine's GPU, else h100)")
+
+    probe = commands.add_parser("probe", help="measure this machine's copy, GEMM and AdamW rates and save "
+                                              "them as the profile plans use")
+    probe.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    probe.add_argument("--save", metavar="PATH", default=None,
+                       help="where to write it (default: ~/.cache/mtc/profile-<device>.json, or $MTC_PROFILE)")
+    probe.add_argument("--quick", action="store_true", help="small sizes: seconds instead of a minute, rougher")
+    probe.add_argument("--cpu-threads", type=int, default=None,
+                       help="threads for the CPU optimizer (default: all cores but two)")
+
     show = commands.add_parser("show", help="print a saved plan")
     show.add_argument("path")
 
@@ -50,7 +63,7 @@ def main(argv=None) -> int:
     if args.command is None:
         args = parser.parse_args(["train"] + list(argv if argv is not None else sys.argv[1:]))
     try:
-        return {"train": _train, "plan": _plan, "show": _show, "bench": _bench}[args.command](args)
+        return {"train": _train, "plan": _plan, "show": _show, "bench": _bench, "probe": _probe}[args.command](args)
     except (ValueError, TypeError, RuntimeError, OSError) as error:
         print(f"mtc {args.command}: error: {error}", file=sys.stderr)
         return 2
@@ -119,7 +132,7 @@ def _plan(args) -> int:
     example = (torch.empty(batch, seq, dtype=torch.long, device="meta"),) * 2
     try:
         planned = mtc.plan(model, parse_bytes(args.gpu_mem, "--gpu-mem"), example, clip=bool(args.clip),
-                           device=device)
+                           device=device, profile=args.profile)
     except MemoryBudgetError as error:
         # Show where the bytes go, so the user sees which stage to shrink.
         print(stage_table(error.schedule.stages), file=sys.stderr)
@@ -147,6 +160,25 @@ def _bench(args) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
+    return 0
+
+
+def _probe(args) -> int:
+    from mtc import probe
+    from mtc.compile import _device
+
+    if args.cpu_threads is not None and args.cpu_threads < 1:
+        raise ValueError(f"--cpu-threads={args.cpu_threads} is not valid; expected an integer >= 1")
+    device = _device(args.device)
+    print(f"mtc probe: measuring {probe.device_name(device)}{' (quick)' if args.quick else ''}...", flush=True)
+    profile = probe.probe(device, cpu_threads=args.cpu_threads, quick=args.quick)
+    path = args.save or probe.profile_path(probe.device_name(device))
+    probe.save(profile, path)
+    print(f"copy in {profile.h2d_bytes_per_s / 1e9:.1f} GB/s, copy out {profile.d2h_bytes_per_s / 1e9:.1f} GB/s "
+          f"(while the host optimizer runs); matmul {profile.flops_per_s / 1e12:.1f} TFLOP/s; AdamW "
+          f"{profile.optimizer_params_per_s / 1e9:.2f} G params/s on the host, "
+          f"{profile.gpu_optimizer_params_per_s / 1e9:.1f} on the device; host RAM "
+          f"{profile.host_bytes / 2**30:.0f} GiB\n{profile.source}\nsaved {path}")
     return 0
 
 

@@ -8,25 +8,29 @@ import time
 import torch
 
 from mtc.codegen.stream_plan import chrome_trace, lower
-from mtc.config import CPU, H100, AdamW, parse_bytes
+from mtc.config import AdamW, parse_bytes
 from mtc.passes.costs import costs_pass
 from mtc.passes.partition import partition_pass
 from mtc.passes.schedule import schedule_pass
 from mtc.passes.trace import trace_pass
 from mtc.passes.validate import validate
 from mtc.plan import Plan
+from mtc.probe import profile_for, resolve_profile
 from mtc.runtime.engine import Engine
 from mtc.runtime.store import StateStore
 
 
 def compile(model: torch.nn.Module, gpu_mem="80GB", example=None, optimizer: AdamW | None = None,
             clip_grad_norm: float | None = None, device=None, compute_dtype: torch.dtype | None = None,
-            init=None, cpu_threads: int | None = None, progress: bool = True) -> "Step":
+            init=None, cpu_threads: int | None = None, progress: bool = True, profile=None) -> "Step":
     """Plan and build a streamed training step for `model`, called exactly as `example` calls it.
 
     A model built on the meta device is initialised block by block straight into the host store:
     `init(module)` initialises one module's own parameters and buffers (default: its
     reset_parameters()). cpu_threads: threads for the CPU optimizer (default: all cores but two).
+    profile: the hardware the plan is simulated on: a HardwareProfile, a shipped name ("h100", "h200",
+    "a100", "rtx4090", "cpu") or a saved profile's path (default: what `mtc probe` saved for this device,
+    else the shipped profile for its name).
     """
     device = _device(device)
     optimizer = optimizer if optimizer is not None else AdamW()
@@ -39,7 +43,7 @@ def compile(model: torch.nn.Module, gpu_mem="80GB", example=None, optimizer: Ada
     if init is not None and not callable(init):
         raise TypeError(f"init={init!r} is not callable; expected None or a function init(module)")
     planned = plan(model, gpu_mem, example, clip=clip_grad_norm is not None, device=device,
-                   compute_dtype=compute_dtype)
+                   compute_dtype=compute_dtype, profile=profile)
     store = StateStore([s.params for s in planned.partition.stages], planned.partition.shared_params,
                        planned.params, planned.buffers, planned.compute_dtype, device, model=model, init=init,
                        progress=progress, resident=planned.plan.schedule.resident)
@@ -55,7 +59,8 @@ class Planned:
         self.__dict__.update(fields)
 
 
-def plan(model, gpu_mem="80GB", example=None, clip: bool = False, device=None, compute_dtype=None) -> Planned:
+def plan(model, gpu_mem="80GB", example=None, clip: bool = False, device=None, compute_dtype=None,
+         profile=None) -> Planned:
     """Run the planning passes only: nothing is allocated, so a meta-device model plans for free."""
     gpu_mem = parse_bytes(gpu_mem, "gpu_mem")
     device = _device(device, must_exist=False)
@@ -76,7 +81,9 @@ def plan(model, gpu_mem="80GB", example=None, clip: bool = False, device=None, c
     buffers = {**dict(model.named_buffers()), **traced.constants}
     inputs = traced.flatten_inputs(args, kwargs)
     costs = timed("costs", costs_pass, partition, params, buffers, inputs, compute_dtype, traced.unflatten_output)
-    profile = H100 if device.type == "cuda" else CPU
+    # Unless given: a profile `mtc probe` saved for this GPU, else the shipped one for its name.
+    profile = resolve_profile(profile) if profile is not None else profile_for(
+        device, device_known=device.type != "cuda" or torch.cuda.is_available())
     schedule = timed("schedule", schedule_pass, costs, gpu_mem, clip, None, None, profile)
     stream_plan = timed("lower", lower, schedule)
     timed("validate", validate, stream_plan, profile)
@@ -85,7 +92,7 @@ def plan(model, gpu_mem="80GB", example=None, clip: bool = False, device=None, c
         templates.setdefault(stage.template.name, []).append(stage.name)
     header = {"model": type(model).__name__, "tracer": traced.tracer, "device": str(device),
               "compute_dtype": str(compute_dtype).replace("torch.", ""), "chain": partition.chain,
-              "profile": profile.name, "passes": timings,
+              "profile": profile.to_json(), "passes": timings,
               "inputs": [_describe(v) for v in inputs]}
     planned = Planned(plan=Plan(header, templates, stream_plan), traced=traced, partition=partition, costs=costs,
                       params=params, buffers=buffers, compute_dtype=compute_dtype, device=device,

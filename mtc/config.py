@@ -1,8 +1,9 @@
 """Typed configuration: sizes, the optimizer and the hardware profile the planner scores against."""
 from __future__ import annotations
 
+import dataclasses
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -66,7 +67,8 @@ three op launches per chunk (~20 us each) are noise against the ~1 ms a chunk's 
 
 @dataclass(frozen=True)
 class HardwareProfile:
-    """Rates the planner uses to predict a step; DESIGN.md lists where the H100 numbers come from."""
+    """Rates the planner simulates a step with. Copy and optimizer rates are the *contended* ones: what
+    each lane gets while the others run (host memory bandwidth is shared)."""
 
     name: str
     h2d_bytes_per_s: float
@@ -79,14 +81,40 @@ class HardwareProfile:
     """CPU AdamW rate while copies and GEMMs run beside it."""
     gpu_optimizer_params_per_s: float
     """AdamW rate on the device for resident stages (bf16 gradient widened, fp32 state, bf16 weights out)."""
+    host_bytes: int = 0
+    """Host RAM (0: unknown)."""
+    source: str = ""
+    """Where the numbers come from: a probe (machine, date) or the measurements and specs they rest on."""
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "HardwareProfile":
+        return cls(**data)
 
 
 # Measured on one H100 80GB box (DESIGN.md, "Numbers that bound the design"): the contended rates.
-# gpu_optimizer_params_per_s is an estimate until `mtc probe` measures it: ~52 bytes of HBM traffic per
-# parameter at ~3 TB/s.
-H100 = HardwareProfile("h100", h2d_bytes_per_s=34.5e9, d2h_bytes_per_s=34.5e9,
-                       flops_per_s=675e12, optimizer_params_per_s=2.9e9, gpu_optimizer_params_per_s=50e9)
+H100 = HardwareProfile(
+    "h100", h2d_bytes_per_s=34.5e9, d2h_bytes_per_s=34.5e9, flops_per_s=675e12, optimizer_params_per_s=2.9e9,
+    gpu_optimizer_params_per_s=50e9, host_bytes=126 << 30,
+    source="H100 80GB HBM3 on PCIe 5, 16 cores: copies, GEMMs and CPU AdamW measured all at once (DESIGN.md); "
+           "the GPU AdamW rate estimated from ~52 B of HBM traffic per parameter at ~3 TB/s")
+# Same host link, GPU compute and host as the H100 box; the HBM-bound GPU AdamW scales with 4.8 / 3.35 TB/s.
+H200 = dataclasses.replace(H100, name="h200", gpu_optimizer_params_per_s=70e9,
+                           source="the h100 profile, GPU AdamW scaled by HBM bandwidth (4.8 / 3.35 TB/s); not measured")
+# Not measured here: PCIe 4 x16 carries ~25 GB/s pinned one way, less with both ways and AdamW beside it;
+# 312 TFLOP/s bf16 dense peak, ~80% sustained; HBM2e 2 TB/s.
+A100 = HardwareProfile(
+    "a100", h2d_bytes_per_s=20e9, d2h_bytes_per_s=20e9, flops_per_s=250e12, optimizer_params_per_s=2.9e9,
+    gpu_optimizer_params_per_s=33e9, source="spec-derived (PCIe 4, 312 TFLOP/s bf16, 2 TB/s); not measured")
+# Not measured here: PCIe 4 x16; 165 TFLOP/s bf16 dense with fp32 accumulation (what torch uses), ~85%
+# sustained; GDDR6X 1 TB/s; a desktop host (fewer memory channels) for the CPU AdamW.
+RTX4090 = HardwareProfile(
+    "rtx4090", h2d_bytes_per_s=20e9, d2h_bytes_per_s=20e9, flops_per_s=140e12, optimizer_params_per_s=1.5e9,
+    gpu_optimizer_params_per_s=17e9, source="spec-derived (PCIe 4, 165 TFLOP/s bf16, 1 TB/s); not measured")
 # A 2-core CI machine, order-of-magnitude only: the CPU engine runs the same plan in order.
-CPU = HardwareProfile("cpu", h2d_bytes_per_s=5e9, d2h_bytes_per_s=5e9,
-                      flops_per_s=50e9, optimizer_params_per_s=0.2e9, gpu_optimizer_params_per_s=0.2e9)
-PROFILES = {profile.name: profile for profile in (H100, CPU)}
+CPU = HardwareProfile("cpu", h2d_bytes_per_s=5e9, d2h_bytes_per_s=5e9, flops_per_s=50e9,
+                      optimizer_params_per_s=0.2e9, gpu_optimizer_params_per_s=0.2e9,
+                      source="order of magnitude for a small CPU machine")
+PROFILES = {profile.name: profile for profile in (H100, H200, A100, RTX4090, CPU)}

@@ -7,9 +7,9 @@ import tempfile
 from dataclasses import dataclass
 
 from mtc.codegen.stream_plan import StreamPlan, lower_bound_seconds, predicted_step_seconds
-from mtc.config import PROFILES, format_bytes
+from mtc.config import HardwareProfile, format_bytes
 
-FORMAT = "mtc-plan/1"
+FORMAT = "mtc-plan/2"
 
 
 @dataclass
@@ -24,8 +24,13 @@ class Plan:
     def schedule(self):
         return self.stream_plan.schedule
 
+    @property
+    def profile(self) -> HardwareProfile:
+        """The hardware profile the plan was made for."""
+        return HardwareProfile.from_json(self.header["profile"])
+
     def predicted_step_seconds(self) -> float:
-        return predicted_step_seconds(self.stream_plan, PROFILES[self.header["profile"]])
+        return predicted_step_seconds(self.stream_plan, self.profile)
 
     def to_json(self) -> dict:
         return {"format": FORMAT, "header": self.header, "templates": self.templates,
@@ -51,7 +56,7 @@ class Plan:
 
     def summary(self) -> str:
         h, schedule = self.header, self.schedule
-        profile = PROFILES[h["profile"]]
+        profile = self.profile
         stages = schedule.stages + ([schedule.shared] if schedule.shared else [])
         params = sum(s.params for s in stages)
         lines = [

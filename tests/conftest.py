@@ -7,3 +7,9 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def shipped_profiles_only(monkeypatch, tmp_path):
+    """Plans in tests use the shipped profiles, whatever `mtc probe` saved on this machine."""
+    monkeypatch.setenv("MTC_PROFILE", str(tmp_path / "no-profile.json"))

@@ -1,0 +1,235 @@
+"""probe: measure this machine's rates into a HardwareProfile, save it, and find the profile a plan uses.
+
+`mtc probe` measures what the planner simulates: pinned copy rates one way and both ways, a bf16 GEMM
+at a block's shape, AdamW on the host (alone, and while copies run both ways: host memory bandwidth is
+shared) and on the device, and host RAM. The profile goes to ~/.cache/mtc/profile-<device>.json (or
+$MTC_PROFILE), where mtc.compile and `mtc plan` find it; without one they use the shipped profile
+for the device's name.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import threading
+import time
+
+import torch
+
+from mtc.config import A100, CPU, H100, H200, RTX4090, AdamW, HardwareProfile
+
+PROFILE_ENV = "MTC_PROFILE"
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def profile_path(name: str) -> str:
+    """Where the probed profile of device `name` is kept ($MTC_PROFILE overrides)."""
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    return os.environ.get(PROFILE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "mtc", f"profile-{slug}.json")
+
+
+def shipped_profile(name: str) -> HardwareProfile:
+    """The shipped profile for a device name (torch.cuda.get_device_name, or "cpu")."""
+    lowered = name.lower()
+    if lowered == "cpu":
+        return CPU
+    for key, profile in (("h200", H200), ("h100", H100), ("a100", A100), ("4090", RTX4090)):
+        if key in lowered:
+            return profile
+    return H100
+
+
+def profile_for(device: torch.device, device_known: bool = True) -> HardwareProfile:
+    """The profile `mtc probe` saved for this device if there is one, else the shipped one.
+
+    device_known=False (planning for a GPU this machine does not have): the file $MTC_PROFILE names, or
+    the shipped H100 profile.
+    """
+    name = device_name(device) if device_known else "planned GPU"
+    path = profile_path(name)
+    if os.path.exists(path):
+        return load(path)
+    return shipped_profile(name) if device_known else H100
+
+
+def resolve_profile(value) -> HardwareProfile:
+    """A HardwareProfile, the name of a shipped one, or the path of a saved one."""
+    from mtc.config import PROFILES
+
+    if isinstance(value, HardwareProfile):
+        return value
+    if isinstance(value, str) and value in PROFILES:
+        return PROFILES[value]
+    if isinstance(value, (str, os.PathLike)) and os.path.exists(value):
+        return load(value)
+    raise ValueError(f"profile={value!r} is not valid; expected a HardwareProfile, one of {sorted(PROFILES)}, "
+                     f"or the path of a profile `mtc probe` saved")
+
+
+def save(profile: HardwareProfile, path: str) -> None:
+    """Write atomically: a crash mid-write leaves any earlier profile intact."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=directory, suffix=".tmp", delete=False) as f:
+        json.dump(profile.to_json(), f, indent=1)
+    os.replace(f.name, path)
+
+
+def load(path: str) -> HardwareProfile:
+    try:
+        with open(path) as f:
+            return HardwareProfile.from_json(json.load(f))
+    except (OSError, ValueError, TypeError) as error:
+        raise ValueError(f"{path} is not a hardware profile ({error}); run `mtc probe` to write one") from error
+
+
+# -- measurements -----------------------------------------------------------------------------------
+
+def probe(device: torch.device, cpu_threads: int | None = None, quick: bool = False) -> HardwareProfile:
+    """Measure this machine. quick=True uses small sizes (seconds, rougher numbers)."""
+    from mtc.runtime.engine import default_cpu_threads
+
+    threads = cpu_threads or default_cpu_threads()
+    torch.set_num_threads(threads)
+    params = 1 << (22 if quick else 26)
+    host_optimizer = _host_adamw_rate(params)
+    name = device_name(device)
+    if device.type == "cuda":
+        copies = copy_rates(device, 1 << (24 if quick else 29))
+        # Everything at once, as in a step: copies both ways while the host optimizer runs.
+        stop = threading.Event()
+        runner = threading.Thread(target=_copy_loop, args=(device, 1 << (24 if quick else 28), stop))
+        runner.start()
+        try:
+            host_contended = _host_adamw_rate(params)
+        finally:
+            stop.set()
+            runner.join()
+        copy_contended = _copies_beside(device, 1 << (24 if quick else 29), lambda: _host_adamw_rate(params))
+        rates = dict(h2d_bytes_per_s=min(copies["h2d"], copy_contended), d2h_bytes_per_s=min(copies["d2h"], copy_contended),
+                     flops_per_s=_gemm_rate(device, 4096 if quick else 16384), optimizer_params_per_s=host_contended,
+                     gpu_optimizer_params_per_s=_device_adamw_rate(device, params))
+        detail = (f"alone: H2D {copies['h2d'] / 1e9:.1f} GB/s, D2H {copies['d2h'] / 1e9:.1f} GB/s, both "
+                  f"{copies['both'] / 1e9:.1f} GB/s, host AdamW {host_optimizer / 1e9:.2f} G params/s")
+    else:
+        copy = _host_copy_rate(1 << (24 if quick else 28))
+        rates = dict(h2d_bytes_per_s=copy, d2h_bytes_per_s=copy, flops_per_s=_gemm_rate(device, 512 if quick else 2048),
+                     optimizer_params_per_s=host_optimizer, gpu_optimizer_params_per_s=host_optimizer)
+        detail = "copies are host memcpy"
+    return HardwareProfile(
+        f"probed {name}", host_bytes=_host_ram(), **rates,
+        source=f"mtc probe{' --quick' if quick else ''} on {name}, {os.cpu_count()} cores, {threads} optimizer threads, "
+               f"{time.strftime('%Y-%m-%d')}; {detail}")
+
+
+def _best_seconds(work, repeats: int = 3, synchronize=lambda: None) -> float:
+    times = []
+    for _ in range(repeats):
+        synchronize()
+        start = time.perf_counter()
+        work()
+        synchronize()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def _host_adamw_rate(params: int) -> float:
+    """Params/s of the engine's host update (bf16 gradient widened, fused AdamW, bf16 weights out)."""
+    from mtc.runtime.optimizer import adamw_step, scratch_for
+    from mtc.runtime.store import STREAMED, Group
+
+    group = Group("probe", [("w", torch.Size([params]))], torch.bfloat16, STREAMED, torch.device("cpu"))
+    scratch = scratch_for([group])
+    hp = AdamW(lr=1e-4)
+    adamw_step(group, hp, scratch)  # first touch of the moments' pages
+    return params / _best_seconds(lambda: adamw_step(group, hp, scratch))
+
+
+def _device_adamw_rate(device: torch.device, params: int) -> float:
+    from mtc.runtime.optimizer import adamw_step, scratch_for
+    from mtc.runtime.store import RESIDENT, Group
+
+    group = Group("probe", [("w", torch.Size([params]))], torch.bfloat16, RESIDENT, device)
+    scratch = scratch_for([group], device)
+    hp = AdamW(lr=1e-4)
+    adamw_step(group, hp, scratch)
+    seconds = _best_seconds(lambda: adamw_step(group, hp, scratch), synchronize=lambda: torch.cuda.synchronize(device))
+    return params / seconds
+
+
+def copy_rates(device: torch.device, size: int) -> dict:
+    """Pinned host<->device bytes/s, one way and both at once."""
+    host = torch.empty(size, dtype=torch.uint8, pin_memory=True)
+    back = torch.empty(size, dtype=torch.uint8, pin_memory=True)
+    gpu_in, gpu_out = (torch.empty(size, dtype=torch.uint8, device=device) for _ in range(2))
+    streams = torch.cuda.Stream(device), torch.cuda.Stream(device)
+
+    def copies(*pairs):
+        for stream, (dst, src) in zip(streams, pairs):
+            with torch.cuda.stream(stream):
+                dst.copy_(src, non_blocking=True)
+
+    sync = lambda: torch.cuda.synchronize(device)  # noqa: E731
+    return {"h2d": size / _best_seconds(lambda: copies((gpu_in, host)), 5, sync),
+            "d2h": size / _best_seconds(lambda: copies((back, gpu_out)), 5, sync),
+            "both": 2 * size / _best_seconds(lambda: copies((gpu_in, host), (back, gpu_out)), 5, sync)}
+
+
+def _copy_loop(device: torch.device, size: int, stop: threading.Event) -> None:
+    host, back = (torch.empty(size, dtype=torch.uint8, pin_memory=True) for _ in range(2))
+    gpu_in, gpu_out = (torch.empty(size, dtype=torch.uint8, device=device) for _ in range(2))
+    streams = torch.cuda.Stream(device), torch.cuda.Stream(device)
+    while not stop.is_set():
+        with torch.cuda.stream(streams[0]):
+            gpu_in.copy_(host, non_blocking=True)
+        with torch.cuda.stream(streams[1]):
+            back.copy_(gpu_out, non_blocking=True)
+        torch.cuda.synchronize(device)
+
+
+def _copies_beside(device: torch.device, size: int, host_work) -> float:
+    """Bytes/s each way while `host_work` runs in another thread."""
+    stop = threading.Event()
+
+    def keep_busy():
+        while not stop.is_set():
+            host_work()
+    worker = threading.Thread(target=keep_busy)
+    worker.start()
+    try:
+        return copy_rates(device, size)["both"] / 2
+    finally:
+        stop.set()
+        worker.join()
+
+
+def _gemm_rate(device: torch.device, tokens: int) -> float:
+    """FLOP/s of a block's largest matmul: tokens x 4096 @ 4096 x 14336 (bf16 on a GPU, fp32 on the CPU)."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    hidden, width = (4096, 14336) if device.type == "cuda" else (tokens, tokens)
+    a = torch.randn(tokens, hidden, dtype=dtype, device=device)
+    b = torch.randn(hidden, width, dtype=dtype, device=device)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    a @ b
+    return 2 * tokens * hidden * width / _best_seconds(lambda: a @ b, 5, sync)
+
+
+def _host_copy_rate(size: int) -> float:
+    src, dst = torch.ones(size, dtype=torch.uint8), torch.empty(size, dtype=torch.uint8)
+    dst.copy_(src)
+    return size / _best_seconds(lambda: dst.copy_(src))
+
+
+def _host_ram() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
