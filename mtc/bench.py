@@ -66,7 +66,7 @@ def run(preset: str, batch: tuple[int, int], gpu_mem: str = "80GB", steps: int =
             "resident_stages": len(step.plan.schedule.resident), "stages": len(step.plan.schedule.stages),
             "cpu_threads": step._engine.cpu_threads}
     mine["host_rss_added_bytes_per_param"] = (_rss_bytes() - rss_before) / params
-    mine.update(_time_steps(lambda i: step(*inputs[i % 2]), step.synchronize, steps, warmup, tokens, params,
+    mine.update(_time_steps(lambda i, step=step: step(*inputs[i % 2]), step.synchronize, steps, warmup, tokens, params,
                             device))
     mine.update(_traced_steps(step, inputs, result["ceilings"], mine["step_s"], trace_path))
     mine["peak_host_rss_bytes"] = _peak_rss_bytes()
