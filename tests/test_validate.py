@@ -193,3 +193,20 @@ def test_a_copy_in_that_ignores_the_previous_steps_update_is_rejected():
     plan = _chain(shared=True)
     _first(plan, "copy_in", -1).waits_prev_step = []
     assert any("previous step's update" in p for p in _problems(plan))
+
+
+@pytest.mark.parametrize("clip", [False, True])
+def test_a_long_chain_gets_a_valid_plan_no_slower_than_streaming_everything(clip):
+    """Past EXHAUSTIVE_STAGES the scheduler samples the streamed runs; its plan must still hold."""
+    stages = [StageCost(f"stage{i}", "T", 10**6, 2 * 10**6, 2 * 10**6, 10**5, 10**5, 10**6, 10**11)
+              for i in range(60)]
+    costs = Costs(stages, 0, None, {}, ("tensor",))
+    streaming = schedule_pass(costs, 1 << 40, clip, slots=4, resident=0)
+    gpu_mem = int((streaming.peak_bytes + 10 * 16 * 10**6) / (1 - ALLOCATOR_HEADROOM))
+    chosen = schedule_pass(costs, gpu_mem, clip)
+    plan = lower(chosen)
+    validate(plan, H100)
+    assert 0 < len(chosen.resident) < 60
+    assert predicted_step_seconds(plan, H100) <= predicted_step_seconds(lower(streaming), H100) * (1 + 1e-9)
+    everything = schedule_pass(costs, 1 << 40, clip)
+    assert not [i for i in lower(everything).instrs if i.op in ("copy_in", "copy_out")]
