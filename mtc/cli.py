@@ -9,6 +9,7 @@ import time
 import torch
 
 import mtc
+from mtc.codegen.stream_plan import chrome_trace
 from mtc.config import parse_bytes
 from mtc.passes.schedule import MemoryBudgetError
 from mtc.plan import stage_table
@@ -31,6 +32,7 @@ def main(argv=None) -> int:
     _model_arguments(plan, batch="4x4096", gpu_mem="80GB")
     plan.add_argument("--save", metavar="PATH", help="write the plan as JSON (read it with `mtc show`)")
     plan.add_argument("--instructions", action="store_true", help="print every stream instruction too")
+    plan.add_argument("--trace", metavar="PATH", help="write the predicted timeline as a Chrome/Perfetto trace")
 
     plan.add_argument("--profile", default=None,
                       help="hardware to plan for: h100, h200, a100, rtx4090, cpu or a saved profile's path "
@@ -137,11 +139,15 @@ def _plan(args) -> int:
         # Show where the bytes go, so the user sees which stage to shrink.
         print(stage_table(error.schedule.stages), file=sys.stderr)
         raise
-    print(planned.plan if args.instructions else planned.plan.summary())
     print(f"planned in {time.perf_counter() - started:.1f} s", flush=True)
     if args.save:
         planned.plan.save(args.save)
         print(f"saved {args.save}")
+    if args.trace:
+        with open(args.trace, "w") as f:
+            json.dump(chrome_trace(planned.plan.stream_plan, planned.plan.profile), f)
+        print(f"wrote the predicted timeline to {args.trace} (chrome://tracing or ui.perfetto.dev)")
+    print(planned.plan if args.instructions else planned.plan.summary())
     return 0
 
 

@@ -6,7 +6,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 
-from mtc.codegen.stream_plan import StreamPlan, lower_bound_seconds, predicted_step_seconds
+from mtc.codegen.stream_plan import SHARED, StreamPlan, duration, lower_bound_seconds, predicted_step_seconds
 from mtc.config import HardwareProfile, format_bytes
 
 FORMAT = "mtc-plan/2"
@@ -64,7 +64,7 @@ class Plan:
             f"gpu_mem {format_bytes(schedule.gpu_mem)}",
             "passes: " + ", ".join(f"{name} {seconds * 1e3:.0f} ms" for name, seconds in h["passes"].items()),
             f"{params:,} parameters in {len(schedule.stages)} stages; blocks: {h['chain']}",
-            stage_table(stages),
+            stage_table(stages, self.stream_plan, profile),
         ]
         lines += [
             f"schedule: {len(schedule.stages) - len(schedule.resident)} stages stream through {schedule.slots} "
@@ -74,9 +74,10 @@ class Plan:
             f"in backward{', clip by global norm' if schedule.clip else ''}",
             f"device peak {format_bytes(schedule.peak_bytes)} of {format_bytes(schedule.gpu_mem)}",
             f"per step: {format_bytes(sum(i.bytes for i in self.stream_plan.on('h2d')))} in, "
-            f"{format_bytes(sum(i.bytes for i in self.stream_plan.on('d2h')))} out; predicted "
-            f"{self.predicted_step_seconds():.3f} s on profile '{profile.name}' "
-            f"(lower bound {lower_bound_seconds(self.stream_plan, profile):.3f} s)",
+            f"{format_bytes(sum(i.bytes for i in self.stream_plan.on('d2h')))} out; profile '{profile.name}' "
+            f"({profile.source})" if profile.source else f"profile '{profile.name}'",
+            f"predicted step: {self.predicted_step_seconds():.4g} s",
+            f"lower bound: {lower_bound_seconds(self.stream_plan, profile):.4g} s",
         ]
         return "\n".join(lines)
 
@@ -96,12 +97,35 @@ def _ranges(indices: list[int]) -> str:
     return f"(stages {text})" if runs else ""
 
 
-def stage_table(stages) -> str:
-    """One line per stage: parameters, bytes streamed, bytes kept, working sets and FLOPs."""
-    lines = [f"{'stage':<18}{'template':<16}{'params':>14}{'weights':>12}{'kept in':>12}{'fwd work':>12}"
-             f"{'bwd work':>12}{'fwd GFLOP':>11}"]
-    for s in stages:
-        lines.append(f"{s.name:<18}{s.template:<16}{s.params:>14,}{format_bytes(s.weight_bytes):>12}"
-                     f"{format_bytes(s.saved_bytes):>12}{format_bytes(s.forward_bytes):>12}"
-                     f"{format_bytes(s.backward_bytes):>12}{s.forward_flops / 1e9:>11.1f}")
+def stage_table(stages, stream_plan=None, profile=None) -> str:
+    """One line per stage: parameters, weight bytes, bytes kept, working sets and FLOPs; with a plan also
+    where the stage lives, the bytes it moves a step and its predicted compute and update times."""
+    header = (f"{'stage':<18}{'template':<16}{'params':>14}{'weights':>12}{'kept in':>12}{'fwd work':>12}"
+              f"{'bwd work':>12}{'fwd GFLOP':>11}")
+    if stream_plan is not None:
+        header += f"  {'policy':<13}{'in/step':>11}{'out/step':>11}{'fwd ms':>9}{'bwd ms':>9}{'AdamW ms':>10}"
+    lines = [header]
+    for index, s in enumerate(stages):
+        line = (f"{s.name:<18}{s.template:<16}{s.params:>14,}{format_bytes(s.weight_bytes):>12}"
+                f"{format_bytes(s.saved_bytes):>12}{format_bytes(s.forward_bytes):>12}"
+                f"{format_bytes(s.backward_bytes):>12}{s.forward_flops / 1e9:>11.1f}")
+        if stream_plan is not None:
+            line += "  " + _stage_plan(stream_plan, profile, SHARED if s.name == "shared" else index)
+        lines.append(line)
     return "\n".join(lines)
+
+
+def _stage_plan(stream_plan, profile, stage: int) -> str:
+    mine = [i for i in stream_plan.instrs if i.stage == stage]
+
+    def total(ops, unit=1e3):
+        return sum(duration(stream_plan, i, profile) for i in mine if i.op in ops) * unit
+
+    resident = stage in stream_plan.schedule.resident
+    update = next((i for i in mine if i.op == "optimizer"), None)
+    where = "resident" if resident else ("shared" if stage == SHARED else "streamed")
+    where += "" if update is None else ("/gpu" if update.stream == "compute" else "/cpu")
+    moved_in = sum(i.bytes for i in mine if i.op == "copy_in")
+    moved_out = sum(i.bytes for i in mine if i.op == "copy_out")
+    return (f"{where:<13}{format_bytes(moved_in) if moved_in else '-':>11}{format_bytes(moved_out) if moved_out else '-':>11}"
+            f"{total(('forward',)):>9.1f}{total(('loss', 'backward')):>9.1f}{total(('optimizer',)):>10.1f}")

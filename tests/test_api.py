@@ -139,6 +139,19 @@ def test_cli_plans_an_8b_model_without_memory_or_gpu(capsys, tmp_path):
     assert "copy_in" in capsys.readouterr().out
 
 
+def test_cli_plan_ends_with_the_prediction_and_writes_the_predicted_timeline(capsys, tmp_path):
+    trace = tmp_path / "predicted.json"
+    assert main(["plan", "--preset", "1b", "--batch", "1x2048", "--trace", str(trace)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    predicted, bound = float(lines[-2].split()[-2]), float(lines[-1].split()[-2])
+    assert lines[-2].startswith("predicted step: ") and lines[-1].startswith("lower bound: ")
+    assert predicted >= bound > 0
+    assert any(line.split()[0] == "layers.0" and ("streamed/cpu" in line or "resident/gpu" in line)
+               for line in lines if line.strip())
+    events = [e for e in json.loads(trace.read_text())["traceEvents"] if e["ph"] == "X"]
+    assert {e["tid"] for e in events} >= {1} and max(e["ts"] + e["dur"] for e in events) > 0
+
+
 def test_cli_plan_that_does_not_fit_explains_where_the_bytes_go(capsys):
     assert main(["plan", "--preset", "8b", "--gpu-mem", "24GB", "--batch", "4x4096"]) == 2
     err = capsys.readouterr().err

@@ -30,7 +30,7 @@ def test_a_probed_profile_is_saved_and_used_by_the_next_plan(tmp_path, monkeypat
         assert rate > 0
     step = mtc.compile(llama(), gpu_mem="3.5MB", example=tokens(), device="cpu")
     assert step.plan.profile == measured
-    assert "on profile 'probed cpu'" in step.plan.summary()
+    assert "profile 'probed cpu'" in step.plan.summary()
 
 
 def test_a_profile_can_be_named_and_travels_with_the_plan(tmp_path):
