@@ -309,6 +309,26 @@ PRESETS: dict[str, LlamaConfig] = {
     "8b": LlamaConfig(
         vocab_size=128256, hidden=4096, layers=32, heads=32, kv_heads=8, intermediate=14336
     ),
+    # The shapes of the MegaTrain paper's runs (arXiv 2604.05091), for sizing a machine with `mtc plan`:
+    # Qwen2.5 widths, depths, heads, vocabularies and rope bases in Llama blocks (Qwen2.5's q/k/v
+    # biases, a few hundred thousand parameters, left out; untied heads).
+    "qwen2.5-14b": LlamaConfig(
+        vocab_size=152064, hidden=5120, layers=48, heads=40, kv_heads=8, intermediate=13824,
+        rope_theta=1e6, norm_eps=1e-6,
+    ),
+    "qwen2.5-32b": LlamaConfig(
+        vocab_size=152064, hidden=5120, layers=64, heads=40, kv_heads=8, intermediate=27648,
+        rope_theta=1e6, norm_eps=1e-6,
+    ),
+    "qwen2.5-72b": LlamaConfig(
+        vocab_size=152064, hidden=8192, layers=80, heads=64, kv_heads=8, intermediate=29568,
+        rope_theta=1e6, norm_eps=1e-6,
+    ),
+    # A 118.7B Llama-style decoder standing in for the paper's "120B" (whose shape it does not give).
+    "120b": LlamaConfig(
+        vocab_size=152064, hidden=10240, layers=104, heads=80, kv_heads=8, intermediate=28672,
+        rope_theta=1e6,
+    ),
 }
 
 

@@ -34,6 +34,8 @@ def main(argv=None) -> int:
     plan.add_argument("--instructions", action="store_true", help="print every stream instruction too")
     plan.add_argument("--trace", metavar="PATH", help="write the predicted timeline as a Chrome/Perfetto trace")
 
+    plan.add_argument("--host-mem", default=None,
+                      help="host RAM to plan for, e.g. 1.5TB (default: the profile's); refused if the state won't fit")
     plan.add_argument("--profile", default=None,
                       help="hardware to plan for: h100, h200, a100, rtx4090, cpu or a saved profile's path "
                            "(default: what `mtc probe` saved for this machine's GPU, else h100)")
@@ -66,7 +68,7 @@ def main(argv=None) -> int:
         args = parser.parse_args(["train"] + list(argv if argv is not None else sys.argv[1:]))
     try:
         return {"train": _train, "plan": _plan, "show": _show, "bench": _bench, "probe": _probe}[args.command](args)
-    except (ValueError, TypeError, RuntimeError, OSError) as error:
+    except (ValueError, TypeError, RuntimeError, OSError, MemoryError) as error:
         print(f"mtc {args.command}: error: {error}", file=sys.stderr)
         return 2
 
@@ -134,7 +136,8 @@ def _plan(args) -> int:
     example = (torch.empty(batch, seq, dtype=torch.long, device="meta"),) * 2
     try:
         planned = mtc.plan(model, parse_bytes(args.gpu_mem, "--gpu-mem"), example, clip=bool(args.clip),
-                           device=device, profile=args.profile)
+                           device=device, profile=args.profile,
+                           host_mem=parse_bytes(args.host_mem, "--host-mem") if args.host_mem else None)
     except MemoryBudgetError as error:
         # Show where the bytes go, so the user sees which stage to shrink.
         print(stage_table(error.schedule.stages), file=sys.stderr)

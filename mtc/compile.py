@@ -8,7 +8,7 @@ import time
 import torch
 
 from mtc.codegen.stream_plan import chrome_trace, lower
-from mtc.config import AdamW, parse_bytes
+from mtc.config import AdamW, format_bytes, parse_bytes
 from mtc.passes.costs import costs_pass
 from mtc.passes.partition import partition_pass
 from mtc.passes.schedule import schedule_pass
@@ -17,7 +17,7 @@ from mtc.passes.validate import validate
 from mtc.plan import Plan
 from mtc.probe import profile_for, resolve_profile
 from mtc.runtime.engine import Engine
-from mtc.runtime.store import StateStore
+from mtc.runtime.store import FIXED_HOST_BYTES, HostMemoryError, StateStore, planned_host_bytes
 
 
 def compile(model: torch.nn.Module, gpu_mem="80GB", example=None, optimizer: AdamW | None = None,
@@ -60,9 +60,13 @@ class Planned:
 
 
 def plan(model, gpu_mem="80GB", example=None, clip: bool = False, device=None, compute_dtype=None,
-         profile=None) -> Planned:
-    """Run the planning passes only: nothing is allocated, so a meta-device model plans for free."""
+         profile=None, host_mem=None) -> Planned:
+    """Run the planning passes only: nothing is allocated, so a meta-device model plans for free.
+
+    host_mem: host RAM to plan for (default: the profile's); a plan whose store would not fit is refused.
+    """
     gpu_mem = parse_bytes(gpu_mem, "gpu_mem")
+    host_mem = parse_bytes(host_mem, "host_mem") if host_mem is not None else None
     device = _device(device, must_exist=False)
     compute_dtype = compute_dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     args, kwargs = _split_example(example)
@@ -87,12 +91,20 @@ def plan(model, gpu_mem="80GB", example=None, clip: bool = False, device=None, c
     schedule = timed("schedule", schedule_pass, costs, gpu_mem, clip, None, None, profile)
     stream_plan = timed("lower", lower, schedule)
     timed("validate", validate, stream_plan, profile)
+    host_bytes = planned_host_bytes(schedule, compute_dtype, device)
+    host_mem = host_mem or profile.host_bytes or None
+    if host_mem is not None and host_bytes + FIXED_HOST_BYTES > host_mem:
+        raise HostMemoryError(
+            f"host_mem={format_bytes(host_mem)} is too small: the training state needs {format_bytes(host_bytes)} "
+            f"(fp32 master and two moments, plus the bf16 copy that streams, for every streamed parameter) and "
+            f"about {format_bytes(FIXED_HOST_BYTES)} more for the process; keep more stages on the GPU (a larger "
+            f"gpu_mem) or use a host with {format_bytes(host_bytes + FIXED_HOST_BYTES)}")
     templates = {}
     for stage in partition.stages:
         templates.setdefault(stage.template.name, []).append(stage.name)
     header = {"model": type(model).__name__, "tracer": traced.tracer, "device": str(device),
               "compute_dtype": str(compute_dtype).replace("torch.", ""), "chain": partition.chain,
-              "profile": profile.to_json(), "passes": timings,
+              "profile": profile.to_json(), "passes": timings, "host_bytes": host_bytes, "host_mem": host_mem,
               "inputs": [_describe(v) for v in inputs]}
     planned = Planned(plan=Plan(header, templates, stream_plan), traced=traced, partition=partition, costs=costs,
                       params=params, buffers=buffers, compute_dtype=compute_dtype, device=device,

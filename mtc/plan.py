@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from mtc.codegen.stream_plan import SHARED, StreamPlan, duration, lower_bound_seconds, predicted_step_seconds
 from mtc.config import HardwareProfile, format_bytes
+from mtc.runtime.store import FIXED_HOST_BYTES
 
 FORMAT = "mtc-plan/2"
 
@@ -76,6 +77,11 @@ class Plan:
             f"per step: {format_bytes(sum(i.bytes for i in self.stream_plan.on('h2d')))} in, "
             f"{format_bytes(sum(i.bytes for i in self.stream_plan.on('d2h')))} out; profile '{profile.name}' "
             f"({profile.source})" if profile.source else f"profile '{profile.name}'",
+            f"host: {format_bytes(h['host_bytes'])} for the training state"
+            + (f" of {format_bytes(h['host_mem'])} host RAM" if h.get("host_mem") else "")
+            + f", plus the process (about {format_bytes(FIXED_HOST_BYTES)})",
+            f"predicted TFLOP/s: {3 * sum(s.forward_flops for s in stages) / self.predicted_step_seconds() / 1e12:.0f} "
+            f"(forward and backward FLOPs counted, recompute not)",
             f"predicted step: {self.predicted_step_seconds():.4g} s",
             f"lower bound: {lower_bound_seconds(self.stream_plan, profile):.4g} s",
         ]

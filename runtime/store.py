@@ -160,6 +160,21 @@ def reset_parameters(module: torch.nn.Module) -> None:
     module.reset_parameters()
 
 
+FIXED_HOST_BYTES = 5 << 30
+"""Host memory besides the store: CUDA and torch libraries, the optimizer's chunk, the process. Measured
+4.6 GiB on the H100 box for an 8B run (BENCHMARKS.md, issue 3, including 1 GiB of benchmark buffers)."""
+
+
+def planned_host_bytes(schedule, compute_dtype: torch.dtype, device: torch.device) -> int:
+    """The store's host bytes for a schedule, before anything is allocated (alignment padding aside)."""
+    resident = set(schedule.resident)
+    total = sum(Group.host_bytes(stage.params, compute_dtype, RESIDENT if index in resident else STREAMED, device)
+                for index, stage in enumerate(schedule.stages))
+    if schedule.shared:
+        total += Group.host_bytes(schedule.shared.params, compute_dtype, SHARED, device)
+    return total
+
+
 class StateStore:
     """Every stage's group, the shared group, and the model's buffers (kept on the compute device)."""
 

@@ -53,3 +53,24 @@ def test_a_broken_profile_file_says_so(tmp_path):
     path.write_text("{\"name\": 1}")
     with pytest.raises(ValueError, match="is not a hardware profile"):
         mtc.plan(llama(), "3.5MB", tokens(), device="cpu", profile=str(path))
+
+
+@pytest.mark.parametrize("preset", ["qwen2.5-14b", "qwen2.5-32b", "qwen2.5-72b"])
+def test_the_megatrain_setups_plan_on_paper_with_their_host_memory(preset, capsys):
+    assert main(["plan", "--preset", preset, "--batch", "1x4096", "--gpu-mem", "141GB", "--profile", "h200",
+                 "--host-mem", "1.5TB"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    host = next(line for line in lines if line.startswith("host: "))
+    needed = float(host.split()[1]) * {"GiB": 2**30, "TiB": 2**40}[host.split()[2]]
+    params = models.parameter_count(models.build(preset, "meta"))
+    assert 0 < needed <= 14 * params  # 14 B per streamed parameter, nothing for resident ones
+    assert "of 1396.98 GiB host RAM" in host
+    assert float(next(line for line in lines if line.startswith("predicted TFLOP/s: ")).split()[2]) > 0
+
+
+def test_a_state_larger_than_host_memory_is_refused_before_anything_is_built(capsys):
+    # 118.7B parameters at 14 B each do not fit 1.5 TB with fp32 master weights and moments.
+    assert main(["plan", "--preset", "120b", "--batch", "1x4096", "--gpu-mem", "141GB", "--profile", "h200",
+                 "--host-mem", "1.5TB"]) == 2
+    error = capsys.readouterr().err
+    assert "host_mem=1396.98 GiB is too small: the training state needs" in error and "use a host with" in error
