@@ -1,10 +1,10 @@
 """schedule: stage costs + gpu_mem -> which stages stay on the device, which stream through which slot.
 
-A fixed policy (the solver comes later):
-- k weight slots, as many as fit up to MAX_SLOTS, so copies run up to k - 1 stages ahead of compute;
-- then the *resident* stages: their weights, gradient, fp32 master and AdamW moments live on the
-  device all step and the GPU updates them, with no copies and no CPU work. The streamed stages form
-  one contiguous run; every run that fits is simulated and the fastest kept (schedule_pass);
+A search over a small space (the calibrated solver comes later):
+- k weight slots, 1 to MAX_SLOTS, so copies run up to k - 1 stages ahead of compute;
+- which stages are *resident*: their weights, gradient, fp32 master and AdamW moments live on the
+  device all step and the GPU updates them, with no copies and no CPU work; the others stream;
+- every candidate that fits is lowered and simulated on the hardware profile, and the fastest kept;
 - every stage's boundary input kept on the device, each stage's internals recomputed in its backward
   while its weights are on the device (streamed weights cross twice a step);
 - ALLOCATOR_HEADROOM of gpu_mem left unplanned for the caching allocator.
@@ -87,66 +87,66 @@ it had allocated in the H100 runs of BENCHMARKS.md (3B and 8B Llama shapes)."""
 
 def schedule_pass(costs: Costs, gpu_mem: int, clip: bool, slots: int | None = None,
                   resident: int | None = None, profile=None) -> Schedule:
-    """The most weight slots (up to MAX_SLOTS, or exactly `slots`) that fit, then the resident stages.
+    """Search the weight slots (1 to MAX_SLOTS, or exactly `slots`) and the resident stages; keep the plan
+    that fits and is predicted fastest on `profile`.
 
-    Which stages stay resident: every plan whose streamed stages form one contiguous run [a, b) and that
-    fits is simulated on `profile`, and the fastest wins (ties: fewer streamed). A run that ends before the
-    output head can beat one that ends at it: the CPU's updates then keep pace with the next forward
-    instead of holding it back at its last stage. `resident=r` asks for exactly stages [0, r).
+    Resident sets: every subset on chains of up to SUBSET_STAGES stages; on longer ones the complements
+    of contiguous streamed runs (every run up to EXHAUSTIVE_STAGES, sampled beyond). A run that ends
+    before the output head can beat one that ends at it: with clipping the CPU's updates then keep pace
+    with the next forward instead of holding it back at its last stage. Ties (within TIE) go to the plan
+    that streams fewest stages, then to more slots. `resident=r` asks for exactly stages [0, r).
     """
     from mtc.codegen.stream_plan import lower, predicted_step_seconds  # the lowering predicts the plan's time
     from mtc.config import H100
 
     budget = int(gpu_mem * (1 - ALLOCATOR_HEADROOM))
     count = len(costs.stages)
-    candidates = [slots] if slots else range(min(MAX_SLOTS, count), 0, -1)
-    for k in candidates:
-        k = max(1, min(k, count))
-        streaming = _fixed_plan(costs, gpu_mem, clip, k, list(range(resident or 0)))
-        if streaming.peak_bytes > budget:
-            continue
-        if resident is not None:
-            return streaming
-        options = []
-        for a, b in _streamed_runs(count, lambda a, b: _fixed_plan(
-                costs, gpu_mem, clip, k, [i for i in range(count) if not a <= i < b]).peak_bytes <= budget):
-            plan = _fixed_plan(costs, gpu_mem, clip, k, [i for i in range(count) if not a <= i < b])
-            options.append((predicted_step_seconds(lower(plan), profile or H100), b - a, plan))
-        # Within 1% of the fastest, the plan that streams the fewest stages: copies and host updates it
-        # does not make cannot go wrong.
-        fastest = min(seconds for seconds, _, _ in options)
-        return min((o for o in options if o[0] <= fastest * (1 + TIE)), key=lambda o: o[1])[2]
-    return _fixed_plan(costs, gpu_mem, clip, max(1, min(candidates[-1], count)), [], check=True)  # raises
+    slot_counts = sorted({max(1, min(k, count)) for k in ([slots] if slots else range(1, MAX_SLOTS + 1))},
+                         reverse=True)
+    options, seen = [], set()
+    for k in slot_counts:
+        kept_sets = [list(range(resident))] if resident is not None else _resident_sets(count)
+        for kept in kept_sets:
+            key = (min(k, count - len(kept)), tuple(kept))  # fewer streamed stages than slots: the same plan
+            if key in seen:
+                continue
+            seen.add(key)
+            plan = fixed_plan(costs, gpu_mem, clip, k, kept)
+            if plan.peak_bytes <= budget:
+                options.append((predicted_step_seconds(lower(plan), profile or H100), count - len(kept), -k, plan))
+        if resident is not None and options:
+            return options[0][3]
+    if not options:
+        return fixed_plan(costs, gpu_mem, clip, 1, [], check=True)  # raises, naming the smallest plan's need
+    fastest = min(option[0] for option in options)
+    return min((o for o in options if o[0] <= fastest * (1 + TIE)), key=lambda o: (o[1], o[2]))[3]
 
 
+SUBSET_STAGES = 8
+"""Up to this many stages every resident set is tried (256 sets a slot count)."""
 EXHAUSTIVE_STAGES = 40
-"""Up to this many stages every streamed run is simulated (465 runs for 30 stages: 0.15 s)."""
-LONGER_RUNS = 6
-"""Beyond that: runs from the shortest that fits to this many stages longer, at POSITIONS starts each."""
+"""Up to this many stages every streamed run is tried (465 runs for 30 stages)."""
+LONGER_RUNS = 8
+"""Beyond that: runs of every length from 0 to 4 and then up to this many more, at POSITIONS starts."""
 POSITIONS = 16
 
 
-def _streamed_runs(count: int, fits) -> list[tuple[int, int]]:
-    """Candidate runs [a, b) of streamed stages that fit; (0, 0) is "nothing streams"."""
+def _resident_sets(count: int) -> list[list[int]]:
+    """Candidate resident sets, best guesses first is not needed: every one is simulated."""
+    if count <= SUBSET_STAGES:
+        return [[i for i in range(count) if mask >> i & 1] for mask in range(1 << count)]
     if count <= EXHAUSTIVE_STAGES:
         runs = [(0, 0)] + [(a, b) for a in range(count) for b in range(a + 1, count + 1)]
-        return [run for run in runs if fits(*run)]
-    # A long chain: every start would be thousands of simulations, and a run only a few stages longer than
-    # the shortest that fits rarely pays (each extra stage moves one stage's update to the host). So:
-    # lengths from the shortest that fits, starts spread over the chain and at both ends.
-    def starts(length):
-        spread = {round(i * (count - length) / (POSITIONS - 1)) for i in range(POSITIONS)}
-        return sorted(spread | {0, 1, max(0, count - length - 1), count - length})
-    for shortest in range(count + 1):
-        fitting = [(a, a + shortest) for a in starts(shortest) if fits(a, a + shortest)]
-        if fitting:
-            break
     else:
-        return []
-    runs = list(fitting)
-    for length in range(shortest + 1, min(count, shortest + LONGER_RUNS) + 1):
-        runs += [(a, a + length) for a in starts(length) if fits(a, a + length)]
-    return runs
+        # A long chain: every run would be thousands of simulations. Memory decides how many stages can
+        # stay; so: short runs (few resident is cheap to check), and runs leaving 0..LONGER_RUNS stages
+        # resident beyond what short runs leave, at starts spread over the chain and at both ends.
+        def starts(length):
+            spread = {round(i * (count - length) / (POSITIONS - 1)) for i in range(POSITIONS)}
+            return sorted(spread | {0, 1, max(0, count - length - 1), count - length})
+        lengths = set(range(0, 5)) | set(range(count - LONGER_RUNS - 4, count + 1))
+        runs = [(a, a + length) for length in sorted(lengths) if 0 <= length <= count for a in starts(length)]
+    return [[i for i in range(count) if not a <= i < b] for a, b in dict.fromkeys(runs)]
 
 
 def needed_gpu_mem(peak_bytes: int) -> int:
@@ -157,7 +157,7 @@ def needed_gpu_mem(peak_bytes: int) -> int:
     return gpu_mem
 
 
-def _fixed_plan(costs: Costs, gpu_mem: int, clip: bool, slots: int, resident: list[int],
+def fixed_plan(costs: Costs, gpu_mem: int, clip: bool, slots: int, resident: list[int],
                 check: bool = False) -> Schedule:
     """k slots for the streamed stages; the `resident` stages on the device."""
     stages = costs.stages

@@ -8,13 +8,15 @@ from mtc.passes import trace
 from models import (BatchNormLM, KwargsLM, assert_same_training, gpt2, llama, mlp_stack, run_both,
                     tokens)
 
-# Budgets chosen so that the whole model does not fit: 2 or 3 weight slots, and no stage, one, the first four,
-# or the first and last ones (the streamed stages in between) resident: weights and AdamW state on the
-# device, updated there.
+# Budgets chosen so that the whole model does not fit: every stage streamed (llama), or some kept
+# resident (weights and AdamW state on the device, updated there) and the rest streamed, the resident
+# ones not only a prefix (gpt2 keeps its first and last stages).
 CASES = {"llama": (llama, "3.5MB"), "gpt2": (gpt2, "5.5MB"), "mlp_stack": (mlp_stack, "150KB"),
          "llama_partly_resident": (llama, "15MB")}
-SLOTS = {"llama": 2, "gpt2": 3, "mlp_stack": 3, "llama_partly_resident": 4}
-RESIDENT = {"llama": [], "gpt2": [0, 9], "mlp_stack": [4], "llama_partly_resident": [0, 1, 2, 3]}
+POLICY = {"llama": lambda resident, count: resident == [],
+          "gpt2": lambda resident, count: resident and resident != list(range(len(resident))),
+          "mlp_stack": lambda resident, count: 0 < len(resident) < count,
+          "llama_partly_resident": lambda resident, count: 0 < len(resident) < count}
 
 
 @pytest.mark.parametrize("clip", [None, 1.0, 0.05])
@@ -25,8 +27,8 @@ def test_streamed_training_equals_eager(name, clip):
     model = build()
     step, reference, losses, reference_losses = run_both(model, gpu_mem, clip=clip)
     schedule = step.plan.schedule
-    assert schedule.slots == SLOTS[name] < len(schedule.stages), "weights must stream through the slots"
-    assert schedule.resident == RESIDENT[name]
+    assert schedule.slots >= 1 and len(schedule.resident) < len(schedule.stages), "weights must stream"
+    assert POLICY[name](schedule.resident, len(schedule.stages)), schedule.resident
     if name in ("llama", "gpt2"):  # a chain of blocks: the whole model would not fit in gpu_mem
         assert sum(p.numel() * 4 for p in reference.parameters()) > schedule.gpu_mem
     assert_same_training(step, reference, losses, reference_losses)

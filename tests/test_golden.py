@@ -11,7 +11,7 @@ from mtc.examples import models
 
 GOLDEN = pathlib.Path(__file__).parent / "golden"
 # Streams every stage; keeps some resident; keeps all of them (simulated on the h100 profile).
-BUDGETS = {"streamed": "1.5MB", "partly_resident": "3MB", "resident": "6MB"}
+BUDGETS = {"streamed": "1MB", "partly_resident": "1.5MB", "resident": "6MB"}
 
 
 def four_blocks():

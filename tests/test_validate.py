@@ -1,6 +1,7 @@
 """passes/validate: every plan the scheduler makes is valid; broken plans are caught. No GPU, no model."""
 import copy
 import dataclasses
+import itertools
 
 import pytest
 from hypothesis import given, settings
@@ -9,7 +10,7 @@ from hypothesis import strategies as st
 from mtc.codegen.stream_plan import lower, lower_bound_seconds, predicted_step_seconds
 from mtc.config import H100
 from mtc.passes.costs import Costs, StageCost
-from mtc.passes.schedule import ALLOCATOR_HEADROOM, MemoryBudgetError, schedule_pass
+from mtc.passes.schedule import ALLOCATOR_HEADROOM, TIE, MemoryBudgetError, fixed_plan, schedule_pass
 from mtc.passes.validate import InvalidPlan, validate
 
 KiB = 1024
@@ -208,5 +209,33 @@ def test_a_long_chain_gets_a_valid_plan_no_slower_than_streaming_everything(clip
     validate(plan, H100)
     assert 0 < len(chosen.resident) < 60
     assert predicted_step_seconds(plan, H100) <= predicted_step_seconds(lower(streaming), H100) * (1 + 1e-9)
-    everything = schedule_pass(costs, 1 << 40, clip)
-    assert not [i for i in lower(everything).instrs if i.op in ("copy_in", "copy_out")]
+    # With room for everything: keeping every stage resident is a candidate, and nothing beats it by more than
+    # the tie margin. (Streaming some can win: their host updates hide behind the backward and take the GPU
+    # update's time off the compute stream.)
+    roomy = schedule_pass(costs, 1 << 40, clip)
+    resident = schedule_pass(costs, 1 << 40, clip, slots=4, resident=60)
+    assert resident.resident == list(range(60))
+    assert predicted_step_seconds(lower(roomy), H100) <= predicted_step_seconds(lower(resident), H100) * (1 + 1e-9)
+
+
+@settings(max_examples=40, deadline=None)
+@given(costs=chains(), gpu_mem=st.integers(1, 4 << 20), clip=st.booleans())
+def test_on_short_chains_the_scheduler_matches_a_brute_force_search(costs, gpu_mem, clip):
+    """Chains of up to 4 blocks (6 stages): every slot count and every resident set, simulated."""
+    count = len(costs.stages)
+    if count > 6:
+        return
+    budget = int(gpu_mem * (1 - ALLOCATOR_HEADROOM))
+    times = []
+    for slots in range(1, 5):
+        for size in range(count + 1):
+            for kept in itertools.combinations(range(count), size):
+                schedule = fixed_plan(costs, gpu_mem, clip, min(slots, count), list(kept))
+                if schedule.peak_bytes <= budget:
+                    times.append(predicted_step_seconds(lower(schedule), H100))
+    try:
+        chosen = predicted_step_seconds(lower(schedule_pass(costs, gpu_mem, clip)), H100)
+    except MemoryBudgetError:
+        assert not times
+        return
+    assert min(times) <= chosen <= min(times) * (1 + TIE)
