@@ -33,6 +33,8 @@ def main(argv=None) -> int:
     plan.add_argument("--save", metavar="PATH", help="write the plan as JSON (read it with `mtc show`)")
     plan.add_argument("--instructions", action="store_true", help="print every stream instruction too")
     plan.add_argument("--trace", metavar="PATH", help="write the predicted timeline as a Chrome/Perfetto trace")
+    plan.add_argument("--max-seq", type=int, metavar="LIMIT", default=None,
+                      help="find the longest sequence (up to LIMIT tokens) that fits, for --batch's sequence count")
 
     plan.add_argument("--host-mem", default=None,
                       help="host RAM to plan for, e.g. 1.5TB (default: the profile's); refused if the state won't fit")
@@ -133,11 +135,19 @@ def _plan(args) -> int:
     device = args.device or "cuda"  # planning needs no GPU: plan for the one the user will train on
     started = time.perf_counter()
     model = models.build(args.preset, device="meta")
-    example = (torch.empty(batch, seq, dtype=torch.long, device="meta"),) * 2
+    gpu_mem = parse_bytes(args.gpu_mem, "--gpu-mem")
+    host_mem = parse_bytes(args.host_mem, "--host-mem") if args.host_mem else None
+
+    def plan_for(tokens: int):
+        example = (torch.empty(batch, tokens, dtype=torch.long, device="meta"),) * 2
+        return mtc.plan(model, gpu_mem, example, clip=bool(args.clip), device=device, profile=args.profile,
+                        host_mem=host_mem)
+
+    if args.max_seq:
+        seq = _longest_sequence(plan_for, args.max_seq)
+        print(f"longest sequence that fits: {seq} tokens ({batch}x{seq}, multiples of {SEQ_STEP})")
     try:
-        planned = mtc.plan(model, parse_bytes(args.gpu_mem, "--gpu-mem"), example, clip=bool(args.clip),
-                           device=device, profile=args.profile,
-                           host_mem=parse_bytes(args.host_mem, "--host-mem") if args.host_mem else None)
+        planned = plan_for(seq)
     except MemoryBudgetError as error:
         # Show where the bytes go, so the user sees which stage to shrink.
         print(stage_table(error.schedule.stages), file=sys.stderr)
@@ -152,6 +162,33 @@ def _plan(args) -> int:
         print(f"wrote the predicted timeline to {args.trace} (chrome://tracing or ui.perfetto.dev)")
     print(planned.plan if args.instructions else planned.plan.summary())
     return 0
+
+
+SEQ_STEP = 128
+"""--max-seq searches sequence lengths in steps of this many tokens."""
+
+
+def _longest_sequence(plan_for, limit: int) -> int:
+    """The longest multiple of SEQ_STEP up to `limit` whose plan fits: a binary search, one plan per probe
+    (device memory grows with the sequence, so what fits is a prefix of the lengths)."""
+    def fits(tokens):
+        try:
+            plan_for(tokens)
+            return True
+        except MemoryBudgetError:
+            return False
+
+    low, high = 0, limit // SEQ_STEP  # in steps: low fits (or is 0), high is the upper end
+    if high == 0 or not fits(SEQ_STEP):
+        raise ValueError(f"not even {SEQ_STEP} tokens a sequence fit; give a larger --gpu-mem or a smaller batch")
+    low = 1
+    while low < high:
+        middle = (low + high + 1) // 2
+        if fits(middle * SEQ_STEP):
+            low = middle
+        else:
+            high = middle - 1
+    return low * SEQ_STEP
 
 
 def _bench(args) -> int:

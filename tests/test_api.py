@@ -10,6 +10,7 @@ from torch import nn
 
 import mtc
 from mtc.cli import main
+from mtc.examples import models
 from mtc.passes.trace import TraceError
 from models import KwargsLM, llama, mlp_stack, tokens
 
@@ -198,3 +199,18 @@ def test_an_output_with_a_loss_entry_trains_on_that_loss():
     step = mtc.compile(model, gpu_mem="1MB", example=(ids, labels), device="cpu")
     assert float(step(ids, labels)) == pytest.approx(expected, rel=1e-6)
     assert step.last_output["logits"].shape == (2, 8, 128) and step.last_output["cache"] is None
+
+
+def test_cli_finds_the_longest_sequence_that_fits(capsys):
+    assert main(["plan", "--preset", "125m", "--batch", "2x128", "--gpu-mem", "3GB", "--max-seq", "65536"]) == 0
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("longest sequence that fits: "))
+    seq = int(line.split()[4])
+    assert 128 <= seq < 65536 and seq % 128 == 0
+    model = models.build("125m", device="meta")
+
+    def plan(tokens):
+        return mtc.plan(model, "3GB", (torch.empty(2, tokens, dtype=torch.long, device="meta"),) * 2, clip=True,
+                        device="cuda")
+    assert plan(seq).plan.schedule.peak_bytes <= 3e9
+    with pytest.raises(ValueError, match="too small"):
+        plan(seq + 128)
