@@ -239,3 +239,15 @@ def test_on_short_chains_the_scheduler_matches_a_brute_force_search(costs, gpu_m
         assert not times
         return
     assert min(times) <= chosen <= min(times) * (1 + TIE)
+
+
+@settings(max_examples=60, deadline=None)
+@given(costs=chains(), gpu_mem=st.integers(1, 4 << 20), clip=st.booleans(), more=st.floats(1.0, 4.0))
+def test_more_gpu_memory_never_predicts_a_slower_step(costs, gpu_mem, clip, more):
+    """Invariant 10 for the scheduler: a larger budget only adds candidates (ties are within TIE)."""
+    try:
+        tight = predicted_step_seconds(lower(schedule_pass(costs, gpu_mem, clip)), H100)
+    except MemoryBudgetError:
+        return
+    roomy = predicted_step_seconds(lower(schedule_pass(costs, int(gpu_mem * more), clip)), H100)
+    assert roomy <= tight * (1 + TIE) * (1 + 1e-12)
