@@ -178,8 +178,10 @@ def _longest_sequence(plan_for, limit: int) -> int:
         except MemoryBudgetError:
             return False
 
+    if limit < SEQ_STEP:
+        raise ValueError(f"--max-seq={limit} is not valid; expected a number of tokens >= {SEQ_STEP}")
     low, high = 0, limit // SEQ_STEP  # in steps: low fits (or is 0), high is the upper end
-    if high == 0 or not fits(SEQ_STEP):
+    if not fits(SEQ_STEP):
         raise ValueError(f"not even {SEQ_STEP} tokens a sequence fit; give a larger --gpu-mem or a smaller batch")
     low = 1
     while low < high:

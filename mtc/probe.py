@@ -18,6 +18,7 @@ import time
 import torch
 
 from mtc.config import A100, CPU, H100, H200, RTX4090, AdamW, HardwareProfile
+from mtc.runtime.store import host_meminfo
 
 PROFILE_ENV = "MTC_PROFILE"
 
@@ -121,7 +122,7 @@ def probe(device: torch.device, cpu_threads: int | None = None, quick: bool = Fa
                      optimizer_params_per_s=host_optimizer, gpu_optimizer_params_per_s=host_optimizer)
         detail = "copies are host memcpy"
     return HardwareProfile(
-        f"probed {name}", host_bytes=_host_ram(), **rates,
+        f"probed {name}", host_bytes=host_meminfo("MemTotal") or 0, **rates,
         source=f"mtc probe{' --quick' if quick else ''} on {name}, {os.cpu_count()} cores, {threads} optimizer threads, "
                f"{time.strftime('%Y-%m-%d')}; {detail}")
 
@@ -222,14 +223,3 @@ def _host_copy_rate(size: int) -> float:
     src, dst = torch.ones(size, dtype=torch.uint8), torch.empty(size, dtype=torch.uint8)
     dst.copy_(src)
     return size / _best_seconds(lambda: dst.copy_(src))
-
-
-def _host_ram() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0

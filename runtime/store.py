@@ -111,16 +111,21 @@ def pin_in_place(tensor: torch.Tensor) -> None:
     weakref.finalize(tensor.untyped_storage(), cudart.cudaHostUnregister, pointer)
 
 
-def available_host_bytes() -> int | None:
-    """MemAvailable from /proc/meminfo: what the host can give without swapping (None off Linux)."""
+def host_meminfo(field: str) -> int | None:
+    """A /proc/meminfo field in bytes (MemTotal, MemAvailable, ...); None off Linux."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
     return None
+
+
+def available_host_bytes() -> int | None:
+    """MemAvailable: what the host can give without swapping (None off Linux)."""
+    return host_meminfo("MemAvailable")
 
 
 @contextlib.contextmanager
