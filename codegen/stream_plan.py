@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 
 from mtc.config import HardwareProfile, format_bytes
 from mtc.passes.costs import StageCost
-from mtc.passes.schedule import Schedule
+from mtc.passes.schedule import Schedule, backward_work_bytes, held_bytes
 
 STREAMS = ("h2d", "compute", "d2h", "cpu")
 SHARED = -1
@@ -111,7 +111,7 @@ def lower(schedule: Schedule) -> StreamPlan:
         reads = copy_in.id if copy_in else None
         if use.phase == "forward":
             compute = emit("compute", "forward", use.stage, slot=use.slot, waits=waits, reads=reads,
-                           bytes=stage.saved_bytes, work_bytes=stage.forward_bytes)
+                           bytes=held_bytes(schedule, use.stage), work_bytes=stage.forward_bytes)
             forward_of[use.stage] = compute
         else:
             released = [forward_of[use.stage].id] if use.phase == "backward" else []
@@ -120,7 +120,7 @@ def lower(schedule: Schedule) -> StreamPlan:
             # resident stage's lives on the device (resident_bytes) until the GPU update consumes it.
             compute = emit("compute", use.phase, use.stage, slot=use.slot, waits=waits, reads=reads,
                            bytes=0 if copy_in is None else schedule.slot_bytes, releases=released,
-                           work_bytes=stage.backward_bytes + kept_input)
+                           work_bytes=backward_work_bytes(schedule, use.stage) + kept_input)
             backward_of[use.stage] = compute
             if copy_in is None:
                 if not schedule.clip:
@@ -184,8 +184,9 @@ def duration(plan: StreamPlan, instr: Instr, profile: HardwareProfile) -> float:
     if instr.op == "forward":
         return plan.stages[instr.stage].forward_flops / profile.flops_per_s
     if instr.op in ("backward", "loss"):
-        # Recompute (1x) + backward (2x) of the forward's FLOPs.
-        return 3 * plan.stages[instr.stage].forward_flops / profile.flops_per_s
+        # Backward: 2x the forward's FLOPs; its forward first (the loss stage's, or a recompute): 1x more.
+        forward_too = instr.op == "loss" or instr.stage not in plan.schedule.keep
+        return (3 if forward_too else 2) * plan.stages[instr.stage].forward_flops / profile.flops_per_s
     if instr.op == "optimizer" and instr.stream == "compute":
         return plan.group(instr.stage).params / profile.gpu_optimizer_params_per_s
     if instr.op == "optimizer":

@@ -10,7 +10,7 @@ from mtc.codegen.stream_plan import SHARED, StreamPlan, duration, lower_bound_se
 from mtc.config import HardwareProfile, format_bytes
 from mtc.runtime.store import FIXED_HOST_BYTES
 
-FORMAT = "mtc-plan/2"
+FORMAT = "mtc-plan/3"
 
 
 @dataclass
@@ -71,8 +71,10 @@ class Plan:
             f"schedule: {len(schedule.stages) - len(schedule.resident)} stages stream through {schedule.slots} "
             f"weight slots of {format_bytes(schedule.slot_bytes)} (AdamW on the host); "
             f"{len(schedule.resident)} resident {_ranges(schedule.resident)} (AdamW on the device); "
-            f"{format_bytes(schedule.resident_bytes)} on the device all step; boundaries kept, blocks recomputed "
-            f"in backward{', clip by global norm' if schedule.clip else ''}",
+            f"{format_bytes(schedule.resident_bytes)} on the device all step"
+            f"{'; clip by global norm' if schedule.clip else ''}",
+            f"activations: {len(schedule.keep) + 1} stages keep theirs for the backward {_ranges(schedule.keep)} and "
+            f"the last; {len(schedule.stages) - len(schedule.keep) - 1} recompute them from their input",
             f"device peak {format_bytes(schedule.peak_bytes)} of {format_bytes(schedule.gpu_mem)}",
             f"per step: {format_bytes(sum(i.bytes for i in self.stream_plan.on('h2d')))} in, "
             f"{format_bytes(sum(i.bytes for i in self.stream_plan.on('d2h')))} out; profile '{profile.name}' "
@@ -109,7 +111,7 @@ def stage_table(stages, stream_plan=None, profile=None) -> str:
     header = (f"{'stage':<18}{'template':<16}{'params':>14}{'weights':>12}{'kept in':>12}{'fwd work':>12}"
               f"{'bwd work':>12}{'fwd GFLOP':>11}")
     if stream_plan is not None:
-        header += f"  {'policy':<13}{'in/step':>11}{'out/step':>11}{'fwd ms':>9}{'bwd ms':>9}{'AdamW ms':>10}"
+        header += f"  {'weights':<13}{'activations':<12}{'in/step':>11}{'out/step':>11}{'fwd ms':>9}{'bwd ms':>9}{'AdamW ms':>10}"
     lines = [header]
     for index, s in enumerate(stages):
         line = (f"{s.name:<18}{s.template:<16}{s.params:>14,}{format_bytes(s.weight_bytes):>12}"
@@ -133,5 +135,6 @@ def _stage_plan(stream_plan, profile, stage: int) -> str:
     where += "" if update is None else ("/gpu" if update.stream == "compute" else "/cpu")
     moved_in = sum(i.bytes for i in mine if i.op == "copy_in")
     moved_out = sum(i.bytes for i in mine if i.op == "copy_out")
-    return (f"{where:<13}{format_bytes(moved_in) if moved_in else '-':>11}{format_bytes(moved_out) if moved_out else '-':>11}"
+    activations = stream_plan.schedule.policy(stage) if stage != SHARED else "-"
+    return (f"{where:<13}{activations:<12}{format_bytes(moved_in) if moved_in else '-':>11}{format_bytes(moved_out) if moved_out else '-':>11}"
             f"{total(('forward',)):>9.1f}{total(('loss', 'backward')):>9.1f}{total(('optimizer',)):>10.1f}")

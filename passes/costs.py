@@ -5,10 +5,12 @@ its parameters, and which values between stages carry gradients.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 import torch.utils._pytree as pytree
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -34,11 +36,14 @@ class StageCost:
     forward_bytes: int
     """Peak transient bytes while the forward runs without autograd."""
     backward_bytes: int
-    """Peak transient bytes while the stage is recomputed and differentiated: what autograd saves (at most
-    every intermediate once: on meta, attention decomposes and saves its full score matrix, which the
-    GPU's fused kernels never hold), two of the largest intermediate's size for the gradients in flight,
-    and the weight gradients."""
+    """Peak transient bytes while the stage is recomputed and differentiated: its activations, two of the
+    largest intermediate's size for the gradients in flight, and the weight gradients."""
     forward_flops: int
+    """Matrix-multiply and attention FLOPs of one forward (causal attention counted as half the square)."""
+    activation_bytes: int = 0
+    """What autograd saves in the forward for the backward, besides the weights and the stage's inputs (at
+    most every intermediate once; attention as a fused kernel keeps it: q, k, v, output, log-sum-exp).
+    Held from forward to backward when the stage keeps its activations instead of recomputing them."""
 
 
 @dataclass
@@ -67,18 +72,18 @@ def costs_pass(partition: Partition, params: dict[str, torch.Tensor], buffers: d
         args = [weights[p] for p in stage.params] + [meta(buffers[b]) for b in stage.buffers] + stage_inputs
         profile = _MemoryProfile(stage.template.function("meta"))
         saved = _SavedForBackward(known=args)
-        with FlopCounterMode(display=False) as flops, saved:
+        with FlopCounterMode(display=False) as flops, saved, torch.enable_grad():
             outputs = profile.run(*args)
         env.update(zip(stage.outputs, outputs))
         own = [p for p in stage.params if p not in shared]
         own_bytes = sum(weights[p].nbytes for p in own)
         grad_bytes = own_bytes  # in the compute dtype until it reaches the host
         saved_inputs = sum(t.nbytes for t in stage_inputs if isinstance(t, torch.Tensor))
+        activations = min(saved.bytes, profile.saved_total)
         results.append(StageCost(
             stage.name, stage.template.name, sum(weights[p].numel() for p in own), own_bytes, grad_bytes,
-            saved_inputs, profile.peak_forward,
-            min(saved.bytes, profile.saved_total) + 2 * profile.largest + own_bytes,
-            int(flops.get_total_flops())))
+            saved_inputs, profile.peak_forward, activations + 2 * profile.largest + own_bytes,
+            int(flops.get_total_flops()) + profile.attention_flops, activations))
 
     output = unflatten_output(resolve_output(partition.output, env))
     loss, how = find_loss(output)
@@ -137,12 +142,53 @@ class _SavedForBackward(torch.autograd.graph.saved_tensors_hooks):
         return sum(self.storages.values())
 
 
+ATTENTION = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
+
+
+class _FusedAttention(torch.autograd.Function):
+    """scaled_dot_product_attention as the GPU runs it (a fused kernel): on meta, PyTorch decomposes it
+    and would count its full score matrix, which flash and memory-efficient attention never hold."""
+
+    @staticmethod
+    def forward(ctx, query, key, value):
+        out = query.new_empty(*query.shape[:-1], value.shape[-1])
+        ctx.save_for_backward(query, key, value, out,
+                              query.new_empty(query.shape[:-1], dtype=torch.float32))  # log-sum-exp
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise NotImplementedError("costs only run forward")
+
+
+def _attention_args(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                    enable_gqa=False):
+    return query, key, value, is_causal
+
+
+def _attention_flops(query, key, value, is_causal: bool) -> int:
+    """QK^T and PV: 2 * batch*heads * Sq * Sk * (d_qk + d_v), with the query's heads (grouped keys are not
+    repeated); a causal mask skips half the square."""
+    *batch, sq, d_qk = query.shape
+    sk, d_v = key.shape[-2], value.shape[-1]
+    flops = 2 * math.prod(batch) * sq * sk * (d_qk + d_v)
+    return flops // 2 if is_causal else flops
+
+
 class _MemoryProfile(fx.Interpreter):
     """Runs a template on meta tensors and records, per node, the bytes it allocates (views: none)."""
 
     def __init__(self, module):
         super().__init__(module)
         self.sizes = {}
+        self.attention_flops = 0
+
+    def call_function(self, target, args, kwargs):
+        if target in ATTENTION:
+            query, key, value, is_causal = _attention_args(*args, **kwargs)
+            self.attention_flops += _attention_flops(query, key, value, bool(is_causal))
+            return _FusedAttention.apply(query, key, value)
+        return super().call_function(target, args, kwargs)
 
     def run_node(self, node):
         result = super().run_node(node)

@@ -1,12 +1,16 @@
-"""schedule: stage costs + gpu_mem -> which stages stay on the device, which stream through which slot.
+"""schedule: stage costs + gpu_mem -> which stages stay on the device, which stream through which slot,
+and which keep their activations for the backward instead of recomputing them.
 
-A search over a small space (the calibrated solver comes later):
+A search, every candidate that fits lowered and simulated on the hardware profile, the fastest kept:
 - k weight slots, 1 to MAX_SLOTS, so copies run up to k - 1 stages ahead of compute;
 - which stages are *resident*: their weights, gradient, fp32 master and AdamW moments live on the
-  device all step and the GPU updates them, with no copies and no CPU work; the others stream;
-- every candidate that fits is lowered and simulated on the hardware profile, and the fastest kept;
-- every stage's boundary input kept on the device, each stage's internals recomputed in its backward
-  while its weights are on the device (streamed weights cross twice a step);
+  device all step and the GPU updates them, with no copies and no CPU work; the others stream
+  (through a slot in forward and again in backward);
+- each stage's activation policy: *recompute* (only its boundary input stays on the device; its
+  internals are recomputed in its backward) or *keep* (what autograd saves stays on the device from its
+  forward to its backward: no recompute, a quarter less compute for the stage). For a given slot count
+  and resident set, keeping more never makes the simulated step slower, so the search keeps as many as
+  fit, in order of compute saved per byte held;
 - ALLOCATOR_HEADROOM of gpu_mem left unplanned for the caching allocator.
 """
 from __future__ import annotations
@@ -62,6 +66,13 @@ class Schedule:
     """Largest predicted device footprint over the step."""
     resident: list[int] = field(default_factory=list)
     """Stages whose weights and optimizer state stay on the device, updated there."""
+    keep: list[int] = field(default_factory=list)
+    """Stages whose activations stay on the device from forward to backward (not recomputed). The last
+    stage never recomputes: its forward and backward run back to back."""
+
+    def policy(self, stage: int) -> str:
+        """'keep' or 'recompute': what the stage's backward starts from."""
+        return "keep" if stage in self.keep or stage == len(self.stages) - 1 else "recompute"
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -87,14 +98,15 @@ it had allocated in the H100 runs of BENCHMARKS.md (3B and 8B Llama shapes)."""
 
 def schedule_pass(costs: Costs, gpu_mem: int, clip: bool, slots: int | None = None,
                   resident: int | None = None, profile=None) -> Schedule:
-    """Search the weight slots (1 to MAX_SLOTS, or exactly `slots`) and the resident stages; keep the plan
-    that fits and is predicted fastest on `profile`.
+    """Search the weight slots (1 to MAX_SLOTS, or exactly `slots`), the resident stages and the kept
+    activations; keep the plan that fits and is predicted fastest on `profile`.
 
     Resident sets: every subset on chains of up to SUBSET_STAGES stages; on longer ones the complements
     of contiguous streamed runs (every run up to EXHAUSTIVE_STAGES, sampled beyond). A run that ends
     before the output head can beat one that ends at it: with clipping the CPU's updates then keep pace
-    with the next forward instead of holding it back at its last stage. Ties (within TIE) go to the plan
-    that streams fewest stages, then to more slots. `resident=r` asks for exactly stages [0, r).
+    with the next forward instead of holding it back at its last stage. Kept activations: see
+    _keep_sets. Ties (within TIE) go to the plan that streams fewest stages, then recomputes fewest, then
+    has more slots. `resident=r` asks for exactly stages [0, r).
     """
     from mtc.codegen.stream_plan import lower, predicted_step_seconds  # the lowering predicts the plan's time
     from mtc.config import H100
@@ -111,15 +123,50 @@ def schedule_pass(costs: Costs, gpu_mem: int, clip: bool, slots: int | None = No
             if key in seen:
                 continue
             seen.add(key)
-            plan = fixed_plan(costs, gpu_mem, clip, k, kept)
-            if plan.peak_bytes <= budget:
-                options.append((predicted_step_seconds(lower(plan), profile or H100), count - len(kept), -k, plan))
+            for keep in _keep_sets(costs, gpu_mem, clip, k, kept, budget):
+                plan = fixed_plan(costs, gpu_mem, clip, k, kept, keep)
+                options.append((predicted_step_seconds(lower(plan), profile or H100), count - len(kept),
+                                count - 1 - len(keep), -k, plan))
         if resident is not None and options:
-            return options[0][3]
+            break
     if not options:
         return fixed_plan(costs, gpu_mem, clip, 1, [], check=True)  # raises, naming the smallest plan's need
     fastest = min(option[0] for option in options)
-    return min((o for o in options if o[0] <= fastest * (1 + TIE)), key=lambda o: (o[1], o[2]))[3]
+    return min((o for o in options if o[0] <= fastest * (1 + TIE)), key=lambda o: o[1:4])[4]
+
+
+KEEP_SUBSET_STAGES = 5
+"""Up to this many stages every set of kept activations is tried; beyond, the longest prefix of
+_keep_order that fits."""
+
+
+def _keep_sets(costs: Costs, gpu_mem: int, clip: bool, slots: int, resident: list[int],
+               budget: int) -> list[list[int]]:
+    """The sets of stages keeping their activations worth simulating with these slots and resident stages
+    (none if even recomputing everything does not fit)."""
+    def fits(keep):
+        return fixed_plan(costs, gpu_mem, clip, slots, resident, keep).peak_bytes <= budget
+
+    count = len(costs.stages)
+    if not fits([]):
+        return []
+    if count <= KEEP_SUBSET_STAGES:
+        sets = [[i for i in range(count - 1) if mask >> i & 1] for mask in range(1 << (count - 1))]
+        return [keep for keep in sets if fits(keep)]
+    order = _keep_order(costs.stages)
+    low, high = 0, len(order)  # keeping more only adds memory: the fitting prefixes are [0, n]
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if fits(order[:middle]) else (low, middle - 1)
+    return [sorted(order[:low])]
+
+
+def _keep_order(stages: list[StageCost]) -> list[int]:
+    """Stages (the last excepted: it never recomputes) by forward FLOPs saved per activation byte held,
+    the free ones first; among equals the later first, whose activations are held for less of the step."""
+    candidates = range(len(stages) - 1)
+    return sorted(candidates, key=lambda i: (stages[i].activation_bytes > 0,
+                                             -stages[i].forward_flops / max(1, stages[i].activation_bytes), -i))
 
 
 SUBSET_STAGES = 8
@@ -158,8 +205,9 @@ def needed_gpu_mem(peak_bytes: int) -> int:
 
 
 def fixed_plan(costs: Costs, gpu_mem: int, clip: bool, slots: int, resident: list[int],
-                check: bool = False) -> Schedule:
-    """k slots for the streamed stages; the `resident` stages on the device."""
+               keep: list[int] = (), check: bool = False) -> Schedule:
+    """k slots for the streamed stages; the `resident` stages on the device; the `keep` stages' activations
+    held from forward to backward, the others recomputed."""
     stages = costs.stages
     count = len(stages)
     order = ([(i, "forward") for i in range(count - 1)] + [(count - 1, "loss")]
@@ -179,7 +227,7 @@ def fixed_plan(costs: Costs, gpu_mem: int, clip: bool, slots: int, resident: lis
     scratch = 4 * min(OPTIMIZER_CHUNK, max((s.params for s in kept), default=-ALIGN_SLACK) + ALIGN_SLACK)
     resident_bytes = costs.resident_bytes + on_device + scratch
     schedule = Schedule(stages, costs.shared, uses, slots, slot_bytes, resident_bytes, gpu_mem, clip, 0,
-                        sorted(resident))
+                        sorted(resident), sorted(set(keep) - {count - 1}))
     peak, where = peak_memory(schedule)
     schedule.peak_bytes = peak
     budget = int(gpu_mem * (1 - ALLOCATOR_HEADROOM))
@@ -188,19 +236,32 @@ def fixed_plan(costs: Costs, gpu_mem: int, clip: bool, slots: int, resident: lis
             f"gpu_mem={format_bytes(gpu_mem)} ({gpu_mem} bytes) is too small: this plan needs "
             f"{format_bytes(peak)} ({peak} bytes) at its peak, in the {where}; that is {slots} weight slots of "
             f"{format_bytes(slot_bytes)}, {format_bytes(costs.resident_bytes)} resident, the kept boundary "
-            f"activations and the stage's working set. With {ALLOCATOR_HEADROOM:.0%} left to the allocator "
+            f"activations ({len(schedule.keep)} stages keeping all of theirs) and the stage's working set. With {ALLOCATOR_HEADROOM:.0%} left to the allocator "
             f"that takes gpu_mem >= {needed_gpu_mem(peak)} bytes; give that or a smaller batch.", schedule)
     return schedule
 
 
+def held_bytes(schedule: Schedule, stage: int) -> int:
+    """Bytes a stage's forward leaves on the device for its backward."""
+    cost = schedule.stages[stage]
+    return cost.saved_bytes + (cost.activation_bytes if schedule.policy(stage) == "keep" else 0)
+
+
+def backward_work_bytes(schedule: Schedule, stage: int) -> int:
+    """Transient bytes of a stage's backward: a recompute rebuilds its activations first."""
+    cost = schedule.stages[stage]
+    return cost.backward_bytes - (cost.activation_bytes if stage in schedule.keep else 0)
+
+
 def peak_memory(schedule: Schedule) -> tuple[int, str]:
-    """Device bytes at each compute: slots + resident + kept boundaries + working set + live grads."""
+    """Device bytes at each compute: slots + resident + held activations + working set + live grads."""
     static = schedule.slots * schedule.slot_bytes + schedule.resident_bytes
     kept, grads_in_flight, peak, where = 0, [], 0, ""
     for use in schedule.uses:
         stage = schedule.stages[use.stage]
         if use.phase == "forward":
-            kept += stage.saved_bytes
+            # What it will hold (input, and activations when it keeps them) besides its transient bytes.
+            kept += held_bytes(schedule, use.stage)
             now = static + kept + stage.forward_bytes
         else:
             # A gradient buffer (slot-sized, reused) lives until its copy-out is done, i.e. during the next
@@ -208,9 +269,9 @@ def peak_memory(schedule: Schedule) -> tuple[int, str]:
             if use.slot is not None:  # a resident stage's gradient is part of resident_bytes
                 grads_in_flight = grads_in_flight[-1:] + [schedule.slot_bytes]
             own_input = stage.saved_bytes if use.phase == "loss" else 0  # the loss stage keeps nothing
-            now = static + kept + own_input + stage.backward_bytes + sum(grads_in_flight)
+            now = static + kept + own_input + backward_work_bytes(schedule, use.stage) + sum(grads_in_flight)
             if use.phase == "backward":
-                kept -= stage.saved_bytes
+                kept -= held_bytes(schedule, use.stage)
         if now > peak:
             peak, where = now, f"{use.phase} of {stage.name}"
     return peak, where

@@ -246,11 +246,18 @@ class Engine:
     def _buffers(self, stage) -> list[torch.Tensor]:
         return [self.store.buffers[name] for name in stage.buffers]
 
+    def _slot(self, instr) -> torch.Tensor | None:
+        """The slot the instruction reads its stage's weights from (None: they stay where they are)."""
+        return None if instr.stage in self.resident else self.slots[instr.slot]
+
     def _forward(self, instr):
         stage = self.partition.stages[instr.stage]
         inputs = [self.values[name] for name in stage.inputs]
+        keep = None
+        if instr.stage in self.plan.schedule.keep:
+            keep = ([self.grad_inputs.get(name, False) for name in stage.inputs], self._slot(instr))
         outputs, self.kept[instr.stage] = templates.forward(
-            self.functions[instr.stage], self._weights(instr), self._buffers(stage), inputs, self.device)
+            self.functions[instr.stage], self._weights(instr), self._buffers(stage), inputs, self.device, keep)
         self.values.update(zip(stage.outputs, outputs))
 
     def _loss(self, instr):
@@ -274,7 +281,7 @@ class Engine:
         carries = [self.grad_inputs.get(name, False) for name in stage.inputs]
         input_grads, weight_grads, loss = templates.backward(
             self.functions[instr.stage], self._weights(instr), self._buffers(stage), kept, carries,
-            output_grads, self.device, loss_of)
+            output_grads, self.device, loss_of, self._slot(instr))
         if loss is not None:
             self.loss = loss
         for name, grad in zip(stage.inputs, input_grads):

@@ -1,8 +1,12 @@
-"""templates: run one stage's template forward, or recompute it and differentiate it locally.
+"""templates: run one stage's template forward, and differentiate it locally.
 
-A stage's autograd graph never outlives its backward: the forward runs without autograd, keeps
-only its inputs, and the backward replays it (same RNG state, buffers protected from a second
-update) with the weights still resident, then calls torch.autograd.grad over this stage alone.
+A stage's autograd graph covers that stage alone (its inputs and weights are detached leaves), and
+the backward calls torch.autograd.grad over it. Two activation policies:
+- recompute: the forward runs without autograd and keeps only its inputs; the backward replays it (same
+  RNG state, buffers protected from a second update) with the weights on the device again;
+- keep: the forward records autograd's graph and it lives until the backward. A streamed stage's
+  weights sit in a slot that other stages overwrite in between, so what autograd saves from the slot is
+  kept as a place in it and read back from the slot holding the weights at the backward.
 """
 from __future__ import annotations
 
@@ -12,11 +16,51 @@ import torch
 
 
 @dataclass
+class Recorded:
+    """A forward's autograd graph, kept for its backward."""
+    outputs: tuple
+    leaves_w: list
+    leaves_x: list
+    slot: torch.Tensor | None = None
+    """The slot holding the stage's weights now: where saved slot tensors are read back from."""
+
+
+@dataclass
 class Kept:
     """What a stage's forward leaves for its backward."""
     inputs: list
     rng: tuple
     mutates_buffers: bool
+    recorded: Recorded | None = None
+    """With the keep policy: the recorded graph (no replay)."""
+
+
+@dataclass(frozen=True)
+class _InSlot:
+    offset: int
+    size: tuple
+    stride: tuple
+
+
+def _slot_hooks(slot: torch.Tensor | None, recorded: Recorded):
+    """Saved tensors that live in `slot` become their place in it, read back from recorded.slot."""
+    if slot is None:
+        return torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
+    slot_storage = slot.untyped_storage().data_ptr()
+
+    def pack(tensor):
+        if tensor.untyped_storage().data_ptr() != slot_storage:
+            return tensor
+        if tensor.dtype != slot.dtype:
+            raise TypeError(f"a saved {tensor.dtype} view of a {slot.dtype} weight slot cannot be kept")
+        return _InSlot(tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()))
+
+    def unpack(packed):
+        if not isinstance(packed, _InSlot):
+            return packed
+        return recorded.slot.as_strided(packed.size, packed.stride, packed.offset)
+
+    return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
 
 
 def _rng_state(device: torch.device) -> tuple:
@@ -30,26 +74,47 @@ def _set_rng_state(state: tuple, device: torch.device) -> None:
         torch.cuda.set_rng_state(state[1], device)
 
 
-def forward(fn, weights: list, buffers: list, inputs: list, device: torch.device) -> tuple[tuple, Kept]:
+def forward(fn, weights: list, buffers: list, inputs: list, device: torch.device,
+            keep: tuple | None = None) -> tuple[tuple, Kept]:
+    """Run the stage; keep=(carries_grad, slot) records its graph for the backward (slot: the weight slot
+    the weights are read from, None when they stay where they are)."""
     rng = _rng_state(device)
     versions = [b._version for b in buffers]
-    with torch.no_grad():
-        outputs = fn(*weights, *buffers, *inputs)
+    recorded = None
+    if keep is None:
+        with torch.no_grad():
+            outputs = fn(*weights, *buffers, *inputs)
+    else:
+        carries_grad, slot = keep
+        recorded = Recorded((), *_leaves(weights, inputs, carries_grad))
+        with torch.enable_grad(), _slot_hooks(slot, recorded):
+            recorded.outputs = fn(*recorded.leaves_w, *buffers, *recorded.leaves_x)
+        outputs = tuple(o.detach() if isinstance(o, torch.Tensor) else o for o in recorded.outputs)
     mutates = any(b._version != v for b, v in zip(buffers, versions))
-    return outputs, Kept(inputs, rng, mutates)
+    return outputs, Kept(inputs, rng, mutates, recorded)
+
+
+def _leaves(weights: list, inputs: list, carries_grad: list[bool]) -> tuple[list, list]:
+    leaves_w = [w.detach().requires_grad_(w.is_floating_point()) for w in weights]
+    leaves_x = [x.detach().requires_grad_(flag) if isinstance(x, torch.Tensor) else x
+                for x, flag in zip(inputs, carries_grad)]
+    return leaves_w, leaves_x
 
 
 def backward(fn, weights: list, buffers: list, kept: Kept, carries_grad: list[bool], output_grads: list,
-             device: torch.device, loss_of=None):
-    """Recompute the stage and return (gradients of its inputs, gradients of its weights, loss).
+             device: torch.device, loss_of=None, slot: torch.Tensor | None = None):
+    """Differentiate the stage: return (gradients of its inputs, gradients of its weights, loss).
 
     output_grads[i] is the gradient of output i, or None. With loss_of (the last stage), the loss is
-    found in the outputs and differentiated instead, and the forward is not a replay.
+    found in the outputs and differentiated instead, and the forward is not a replay. A stage whose
+    forward kept its graph is not recomputed; `slot` is where its weights are now.
     """
+    if kept.recorded is not None:
+        recorded, kept.recorded = kept.recorded, None  # the graph goes with this backward
+        recorded.slot = slot
+        return _differentiate(recorded.outputs, output_grads, recorded.leaves_w, recorded.leaves_x, None)
     replay = loss_of is None
-    leaves_w = [w.detach().requires_grad_(w.is_floating_point()) for w in weights]
-    leaves_x = [x.detach().requires_grad_(flag) if isinstance(x, torch.Tensor) else x
-                for x, flag in zip(kept.inputs, carries_grad)]
+    leaves_w, leaves_x = _leaves(weights, kept.inputs, carries_grad)
     if replay:
         if kept.mutates_buffers:  # running statistics were updated by the forward: not again
             buffers = [b.clone() for b in buffers]
@@ -63,12 +128,14 @@ def backward(fn, weights: list, buffers: list, kept: Kept, carries_grad: list[bo
     else:
         with torch.enable_grad():
             outputs = fn(*leaves_w, *buffers, *leaves_x)
-    if replay:
+    return _differentiate(outputs, output_grads, leaves_w, leaves_x, None if replay else loss_of(outputs))
+
+
+def _differentiate(outputs, output_grads, leaves_w, leaves_x, loss):
+    if loss is None:
         pairs = [(o, g) for o, g in zip(outputs, output_grads)
                  if g is not None and isinstance(o, torch.Tensor) and o.requires_grad]
-        loss = None
     else:
-        loss = loss_of(outputs)
         pairs = [(loss, None)]
     wrt = [t for t in leaves_w + leaves_x if isinstance(t, torch.Tensor) and t.requires_grad]
     grads = iter(torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True)

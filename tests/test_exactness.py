@@ -3,20 +3,28 @@ import pytest
 import torch
 
 import mtc
-from mtc.passes import trace
+from mtc.passes import schedule, trace
 
 from models import (BatchNormLM, KwargsLM, assert_same_training, gpt2, llama, mlp_stack, run_both,
                     tokens)
 
 # Budgets chosen so that the whole model does not fit: every stage streamed (llama), or some kept
 # resident (weights and AdamW state on the device, updated there) and the rest streamed, the resident
-# ones not only a prefix (gpt2 keeps its first and last stages).
+# ones not only a prefix (gpt2 keeps its first and last stages). Activations: llama keeps some stages'
+# and recomputes the others'; gpt2 keeps those of stages that stream through slots other stages reuse
+# before their backward.
 CASES = {"llama": (llama, "3.5MB"), "gpt2": (gpt2, "5.5MB"), "mlp_stack": (mlp_stack, "150KB"),
          "llama_partly_resident": (llama, "15MB")}
-POLICY = {"llama": lambda resident, count: resident == [],
-          "gpt2": lambda resident, count: resident and resident != list(range(len(resident))),
-          "mlp_stack": lambda resident, count: 0 < len(resident) < count,
-          "llama_partly_resident": lambda resident, count: 0 < len(resident) < count}
+
+
+def _streamed_keep(s):
+    return [i for i in s.keep if i not in s.resident]
+
+
+POLICY = {"llama": lambda s: s.resident == [] and 0 < len(s.keep) < len(s.stages) - 1,
+          "gpt2": lambda s: s.resident and s.resident != list(range(len(s.resident))) and len(_streamed_keep(s)) > 2,
+          "mlp_stack": lambda s: 0 < len(s.resident) < len(s.stages),
+          "llama_partly_resident": lambda s: 0 < len(s.resident) < len(s.stages)}
 
 
 @pytest.mark.parametrize("clip", [None, 1.0, 0.05])
@@ -28,7 +36,7 @@ def test_streamed_training_equals_eager(name, clip):
     step, reference, losses, reference_losses = run_both(model, gpu_mem, clip=clip)
     schedule = step.plan.schedule
     assert schedule.slots >= 1 and len(schedule.resident) < len(schedule.stages), "weights must stream"
-    assert POLICY[name](schedule.resident, len(schedule.stages)), schedule.resident
+    assert POLICY[name](schedule), (schedule.resident, schedule.keep)
     if name in ("llama", "gpt2"):  # a chain of blocks: the whole model would not fit in gpu_mem
         assert sum(p.numel() * 4 for p in reference.parameters()) > schedule.gpu_mem
     assert_same_training(step, reference, losses, reference_losses)
@@ -45,9 +53,15 @@ def test_tied_embedding_is_one_parameter_updated_once():
     assert_same_training(step, reference, losses, reference_losses)
 
 
-def test_dropout_replays_the_same_mask_in_recompute():
+@pytest.mark.parametrize("policy", ["keep", "recompute"])
+def test_dropout_draws_the_same_masks_as_eager(policy, monkeypatch):
+    """keep: one forward, the mask recorded; recompute: the replay must draw the same mask again."""
+    if policy == "recompute":
+        found = schedule._keep_sets
+        monkeypatch.setattr(schedule, "_keep_sets", lambda *args: [[]] if found(*args) else [])
     torch.manual_seed(0)
     step, reference, losses, reference_losses = run_both(gpt2(dropout=0.2), "5.5MB")
+    assert (step.plan.schedule.keep == []) == (policy == "recompute")
     assert_same_training(step, reference, losses, reference_losses)
 
 

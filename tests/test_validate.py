@@ -19,9 +19,11 @@ KiB = 1024
 @st.composite
 def stage_costs(draw, name):
     params = draw(st.integers(0, 4096))
+    activations = draw(st.integers(0, 192 * KiB))
     return StageCost(name, "T", params, weight_bytes=2 * params, grad_bytes=4 * params,
                      saved_bytes=draw(st.integers(0, 64 * KiB)), forward_bytes=draw(st.integers(0, 64 * KiB)),
-                     backward_bytes=draw(st.integers(0, 256 * KiB)), forward_flops=draw(st.integers(0, 10**9)))
+                     backward_bytes=activations + draw(st.integers(0, 64 * KiB)),
+                     forward_flops=draw(st.integers(0, 10**9)), activation_bytes=activations)
 
 
 @st.composite
@@ -98,6 +100,15 @@ def test_resident_stages_are_chosen_to_make_the_step_no_slower(costs, gpu_mem, c
     streaming = schedule_pass(costs, gpu_mem, clip, slots=chosen.slots, resident=0)
     assert predicted_step_seconds(lower(chosen), H100) <= predicted_step_seconds(lower(streaming), H100) + 1e-4
     assert chosen.peak_bytes <= gpu_mem * (1 - ALLOCATOR_HEADROOM)
+
+
+@settings(max_examples=60, deadline=None)
+@given(costs=chains(), clip=st.booleans())
+def test_with_room_for_everything_nothing_is_recomputed(costs, clip):
+    schedule = schedule_pass(costs, 1 << 40, clip)
+    assert [schedule.policy(i) for i in range(len(costs.stages))] == ["keep"] * len(costs.stages)
+    assert all(i.op != "backward" or i.work_bytes == costs.stages[i.stage].backward_bytes
+               - costs.stages[i.stage].activation_bytes for i in lower(schedule).instrs)
 
 
 def test_with_room_for_everything_nothing_streams():
@@ -221,16 +232,18 @@ def test_a_long_chain_gets_a_valid_plan_no_slower_than_streaming_everything(clip
 @settings(max_examples=40, deadline=None)
 @given(costs=chains(), gpu_mem=st.integers(1, 4 << 20), clip=st.booleans())
 def test_on_short_chains_the_scheduler_matches_a_brute_force_search(costs, gpu_mem, clip):
-    """Chains of up to 4 blocks (6 stages): every slot count and every resident set, simulated."""
+    """Chains of up to 4 blocks and an output head (5 stages): every slot count, every resident set and
+    every set of stages keeping their activations, simulated."""
     count = len(costs.stages)
-    if count > 6:
+    if count > 5:
         return
     budget = int(gpu_mem * (1 - ALLOCATOR_HEADROOM))
     times = []
+    subsets = lambda items: [list(c) for n in range(len(items) + 1) for c in itertools.combinations(items, n)]  # noqa: E731
     for slots in range(1, 5):
-        for size in range(count + 1):
-            for kept in itertools.combinations(range(count), size):
-                schedule = fixed_plan(costs, gpu_mem, clip, min(slots, count), list(kept))
+        for kept in subsets(range(count)):
+            for keep in subsets(range(count - 1)):
+                schedule = fixed_plan(costs, gpu_mem, clip, min(slots, count), kept, keep)
                 if schedule.peak_bytes <= budget:
                     times.append(predicted_step_seconds(lower(schedule), H100))
     try:
