@@ -28,6 +28,7 @@ import mtc
 from mtc.codegen.stream_plan import STREAMS
 from mtc.config import format_bytes, parse_bytes
 from mtc.examples import models
+from mtc.passes.schedule import MemoryBudgetError
 from mtc.probe import copy_rates
 
 GB = 1e9
@@ -60,7 +61,8 @@ def run(preset: str, batch: tuple[int, int], gpu_mem: str = "80GB", steps: int =
                        init=models.init_weights, cpu_threads=cpu_threads, optimizer=mtc.AdamW(lr=1e-4))
     store = step._store
     mine = {"params": params, "compile_s": time.perf_counter() - started, "slots": step.plan.schedule.slots,
-            "planned_peak_bytes": step.plan.schedule.peak_bytes, "store_build_s": store.build_seconds,
+            "planned_peak_bytes": step.plan.schedule.peak_bytes, "predicted_step_s": step.plan.predicted_step_seconds(),
+            "kept_activations": len(step.plan.schedule.keep), "profile": step.plan.profile.name, "store_build_s": store.build_seconds,
             "host_state_bytes": store.host_bytes, "host_state_params": store.host_params,
             "host_state_bytes_per_param": store.host_bytes / max(1, store.host_params),
             "resident_stages": len(step.plan.schedule.resident), "stages": len(step.plan.schedule.stages),
@@ -82,6 +84,83 @@ def run(preset: str, batch: tuple[int, int], gpu_mem: str = "80GB", steps: int =
         if "step_s" in result["eager"]:
             result["ratio_to_eager"] = result["eager"]["step_s"] / mine["step_s"]
     return result
+
+
+def sweep(preset: str, batches: list[tuple[int, int]], budgets: list[str], schedules=("solve", "spine"),
+          steps: int = 4, warmup: int = 1, clip: float | None = None, cpu_threads: int | None = None,
+          progress=print) -> list[dict]:
+    """Measured against predicted, for every batch x gpu_mem x schedule, on one state store (built once;
+    each row replans it). Each row is held to its gpu_mem like run()."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("mtc bench measures a GPU and torch sees none")
+    device = torch.device("cuda", torch.cuda.current_device())
+    total = torch.cuda.get_device_properties(device).total_memory
+    model = models.build(preset, device="meta")
+    params = models.parameter_count(model)
+    generator = torch.Generator().manual_seed(0)
+    rows, step = [], None
+    for sequences, seq in batches:
+        inputs = [tuple(torch.randint(0, models.PRESETS[preset].vocab_size, (sequences, seq), generator=generator)
+                        .to(device) for _ in range(2)) for _ in range(2)]
+        for gpu_mem in budgets:
+            for schedule in schedules:
+                row = {"preset": preset, "batch": f"{sequences}x{seq}", "gpu_mem": gpu_mem, "schedule": schedule,
+                       "clip": clip}
+                torch.cuda.set_per_process_memory_fraction(min(1.0, parse_bytes(gpu_mem, "gpu_mem") / total), device)
+                try:
+                    if step is None:
+                        step = mtc.compile(model, gpu_mem=gpu_mem, example=inputs[0], clip_grad_norm=clip,
+                                           device=device, init=models.init_weights, cpu_threads=cpu_threads,
+                                           optimizer=mtc.AdamW(lr=1e-4), schedule=schedule)
+                    else:
+                        step = step.replan(gpu_mem=gpu_mem, example=inputs[0], schedule=schedule)
+                except MemoryBudgetError as error:
+                    row["does_not_fit"] = str(error).split(";")[0]
+                    rows.append(row)
+                    progress(row)
+                    continue
+                planned = step.plan.schedule
+                row.update(slots=planned.slots, resident=len(planned.resident), kept=len(planned.keep),
+                           stages=len(planned.stages), predicted_step_s=step.plan.predicted_step_seconds(),
+                           predicted_peak_bytes=planned.peak_bytes)
+                try:
+                    row.update(_time_steps(lambda i, step=step, inputs=inputs: step(*inputs[i % 2]), step.synchronize,
+                                           steps, warmup, sequences * seq, params, device))
+                except torch.OutOfMemoryError as error:
+                    row["out_of_memory"] = str(error).splitlines()[0]
+                    step.synchronize()
+                else:
+                    row["measured_over_predicted"] = row["step_s"] / row["predicted_step_s"]
+                    row["peak_over_predicted"] = row["peak_gpu_allocated_bytes"] / row["predicted_peak_bytes"]
+                    row["within_gpu_mem"] = row["peak_gpu_reserved_bytes"] <= parse_bytes(gpu_mem, "gpu_mem")
+                rows.append(row)
+                progress(row)
+    torch.cuda.set_per_process_memory_fraction(1.0, device)
+    return rows
+
+
+def sweep_table(rows: list[dict]) -> str:
+    """One line per row, with the solver's speed-up over the spine plan on the same batch and budget."""
+    spine = {(r["batch"], r["gpu_mem"]): r.get("step_s") for r in rows if r["schedule"] == "spine"}
+    lines = [f"{'batch':<8}{'gpu_mem':>8} {'plan':<6}{'slots/res/keep':>15}{'predicted':>10}{'measured':>9}"
+             f"{'meas/pred':>10}{'peak pred':>11}{'peak alloc':>11}{'alloc/pred':>11}{'reserved':>10}"
+             f"{'vs spine':>9}"]
+    for r in rows:
+        head = f"{r['batch']:<8}{r['gpu_mem']:>8} {r['schedule']:<6}"
+        if "does_not_fit" in r:
+            lines.append(head + "  does not fit: " + r["does_not_fit"][:80])
+            continue
+        shape = f"{r['slots']}/{r['resident']}/{r['kept']} of {r['stages']}"
+        if "step_s" not in r:
+            lines.append(head + f"{shape:>15}{r['predicted_step_s']:>10.3f}  out of memory")
+            continue
+        base = spine.get((r["batch"], r["gpu_mem"]))
+        lines.append(head + f"{shape:>15}{r['predicted_step_s']:>10.3f}{r['step_s']:>9.3f}"
+                     f"{r['measured_over_predicted']:>10.3f}{format_bytes(r['predicted_peak_bytes']):>11}"
+                     f"{format_bytes(r['peak_gpu_allocated_bytes']):>11}{r['peak_over_predicted']:>11.3f}"
+                     f"{format_bytes(r['peak_gpu_reserved_bytes']):>10}"
+                     f"{(base / r['step_s']) if base else float('nan'):>9.2f}")
+    return "\n".join(lines)
 
 
 def _ceilings(device) -> dict:

@@ -64,6 +64,9 @@ def main(argv=None) -> int:
     bench.add_argument("--json", metavar="PATH", help="write every figure as JSON")
     bench.add_argument("--cpu-threads", type=int, default=None,
                        help="threads for the CPU optimizer (default: all cores but two)")
+    bench.add_argument("--schedule", default=None, metavar="solve,spine",
+                       help="measured against predicted: --batch and --gpu-mem may then list several values "
+                            "(comma-separated), and every combination runs on one state store")
 
     args = parser.parse_args(argv)
     if args.command is None:
@@ -200,6 +203,8 @@ def _bench(args) -> int:
         if getattr(args, name) < (1 if name == "steps" else 0):
             raise ValueError(f"--{name}={getattr(args, name)} is not valid; expected an integer >= "
                              f"{1 if name == 'steps' else 0}")
+    if args.schedule or "," in args.batch or "," in args.gpu_mem:
+        return _bench_sweep(args, bench)
     parse_bytes(args.gpu_mem, "--gpu-mem")
     result = bench.run(args.preset, _batch(args.batch), gpu_mem=args.gpu_mem, steps=args.steps,
                        warmup=args.warmup, clip=args.clip or None, vs_eager=args.vs == "eager",
@@ -208,6 +213,29 @@ def _bench(args) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
+    return 0
+
+
+def _bench_sweep(args, bench) -> int:
+    from mtc.compile import SCHEDULES
+
+    schedules = (args.schedule or "solve").split(",")
+    for schedule in schedules:
+        if schedule not in SCHEDULES:
+            raise ValueError(f"--schedule={args.schedule!r} is not valid; expected a comma-separated list of "
+                             f"{', '.join(SCHEDULES)}")
+    budgets = args.gpu_mem.split(",")
+    for budget in budgets:
+        parse_bytes(budget, "--gpu-mem")
+    if args.vs or args.trace:
+        raise ValueError("--vs and --trace time one configuration; leave out --schedule and the lists")
+    rows = bench.sweep(args.preset, [_batch(b) for b in args.batch.split(",")], budgets, schedules,
+                       steps=args.steps, warmup=args.warmup, clip=args.clip or None, cpu_threads=args.cpu_threads,
+                       progress=lambda row: print(json.dumps(row), flush=True))
+    print(bench.sweep_table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
     return 0
 
 
@@ -223,7 +251,7 @@ def _probe(args) -> int:
     path = args.save or probe.profile_path(probe.device_name(device))
     probe.save(profile, path)
     print(f"copy in {profile.h2d_bytes_per_s / 1e9:.1f} GB/s, copy out {profile.d2h_bytes_per_s / 1e9:.1f} GB/s "
-          f"(while the host optimizer runs); matmul {profile.flops_per_s / 1e12:.1f} TFLOP/s; AdamW "
+          f"(while the host optimizer runs); a decoder block {profile.flops_per_s / 1e12:.1f} TFLOP/s; AdamW "
           f"{profile.optimizer_params_per_s / 1e9:.2f} G params/s on the host, "
           f"{profile.gpu_optimizer_params_per_s / 1e9:.1f} on the device; host RAM "
           f"{profile.host_bytes / 2**30:.0f} GiB\n{profile.source}\nsaved {path}")

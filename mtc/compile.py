@@ -1,6 +1,7 @@
 """mtc.compile: wire the stages of the pipeline. No algorithm lives here."""
 from __future__ import annotations
 
+import gc
 import json
 import os
 import time
@@ -11,7 +12,7 @@ from mtc.codegen.stream_plan import chrome_trace, lower
 from mtc.config import AdamW, format_bytes, parse_bytes
 from mtc.passes.costs import costs_pass
 from mtc.passes.partition import partition_pass
-from mtc.passes.schedule import schedule_pass
+from mtc.passes.schedule import fixed_plan, schedule_pass
 from mtc.passes.trace import trace_pass
 from mtc.passes.validate import validate
 from mtc.plan import Plan
@@ -22,7 +23,8 @@ from mtc.runtime.store import FIXED_HOST_BYTES, HostMemoryError, StateStore, pla
 
 def compile(model: torch.nn.Module, gpu_mem="80GB", example=None, optimizer: AdamW | None = None,
             clip_grad_norm: float | None = None, device=None, compute_dtype: torch.dtype | None = None,
-            init=None, cpu_threads: int | None = None, progress: bool = True, profile=None) -> "Step":
+            init=None, cpu_threads: int | None = None, progress: bool = True, profile=None,
+            schedule: str = "solve") -> "Step":
     """Plan and build a streamed training step for `model`, called exactly as `example` calls it.
 
     A model built on the meta device is initialised block by block straight into the host store:
@@ -43,14 +45,20 @@ def compile(model: torch.nn.Module, gpu_mem="80GB", example=None, optimizer: Ada
         raise ValueError(f"cpu_threads={cpu_threads!r} is not valid; expected None or an integer >= 1")
     if init is not None and not callable(init):
         raise TypeError(f"init={init!r} is not callable; expected None or a function init(module)")
+    settings = dict(model=model, example=example, optimizer=optimizer, clip_grad_norm=clip_grad_norm, device=device,
+                    compute_dtype=compute_dtype, cpu_threads=cpu_threads, profile=profile)
     planned = plan(model, gpu_mem, example, clip=clip_grad_norm is not None, device=device,
-                   compute_dtype=compute_dtype, profile=profile)
+                   compute_dtype=compute_dtype, profile=profile, schedule=schedule)
     store = StateStore([s.params for s in planned.partition.stages], planned.partition.shared_params,
                        planned.params, planned.buffers, planned.compute_dtype, device, model=model, init=init,
                        progress=progress, resident=planned.plan.schedule.resident)
-    engine = Engine(planned.plan.stream_plan, planned.partition, store, planned.costs.grad_inputs, optimizer,
-                    clip_grad_norm, device, planned.compute_dtype, planned.traced.unflatten_output, cpu_threads)
-    return Step(planned, store, engine)
+    return Step(planned, store, _engine(planned, store, settings), settings)
+
+
+def _engine(planned: "Planned", store: StateStore, settings: dict) -> Engine:
+    return Engine(planned.plan.stream_plan, planned.partition, store, planned.costs.grad_inputs,
+                  settings["optimizer"], settings["clip_grad_norm"], settings["device"], planned.compute_dtype,
+                  planned.traced.unflatten_output, settings["cpu_threads"])
 
 
 class Planned:
@@ -60,12 +68,18 @@ class Planned:
         self.__dict__.update(fields)
 
 
+SCHEDULES = ("solve", "spine")
+
+
 def plan(model, gpu_mem="80GB", example=None, clip: bool = False, device=None, compute_dtype=None,
-         profile=None, host_mem=None) -> Planned:
+         profile=None, host_mem=None, schedule: str = "solve") -> Planned:
     """Run the planning passes only: nothing is allocated, so a meta-device model plans for free.
 
     host_mem: host RAM to plan for (default: the profile's); a plan whose store would not fit is refused.
+    schedule: "solve" or "spine" (see compile).
     """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule={schedule!r} is not valid; expected one of {', '.join(map(repr, SCHEDULES))}")
     gpu_mem = parse_bytes(gpu_mem, "gpu_mem")
     host_mem = parse_bytes(host_mem, "host_mem") if host_mem is not None else None
     device = _device(device, must_exist=False)
@@ -89,7 +103,10 @@ def plan(model, gpu_mem="80GB", example=None, clip: bool = False, device=None, c
     # Unless given: a profile `mtc probe` saved for this GPU, else the shipped one for its name.
     profile = resolve_profile(profile) if profile is not None else profile_for(
         device, device_known=device.type != "cuda" or torch.cuda.is_available())
-    schedule = timed("schedule", schedule_pass, costs, gpu_mem, clip, None, None, profile)
+    if schedule == "spine":
+        schedule = timed("schedule", fixed_plan, costs, gpu_mem, clip, 2, [], [], True)
+    else:
+        schedule = timed("schedule", schedule_pass, costs, gpu_mem, clip, None, None, profile)
     stream_plan = timed("lower", lower, schedule)
     timed("validate", validate, stream_plan, profile)
     host_bytes = planned_host_bytes(schedule, compute_dtype, device)
@@ -138,12 +155,36 @@ def write_debug_directory(planned: Planned, profile) -> str:
 class Step:
     """A compiled training step: `loss = step(*args, **kwargs)` runs forward, backward and AdamW."""
 
-    def __init__(self, planned: Planned, store: StateStore, engine: Engine):
-        self._planned, self._store, self._engine = planned, store, engine
+    def __init__(self, planned: Planned, store: StateStore, engine: Engine, settings: dict):
+        self._planned, self._store, self._engine, self._settings = planned, store, engine, settings
         self.plan = planned.plan
         self.steps = 0
 
+    def replan(self, gpu_mem=None, example=None, schedule: str = "solve") -> "Step":
+        """A step for another budget or batch shape that trains the same state: the model is traced and
+        planned again (nothing is re-initialised), stages move between host and device as the new plan
+        places them, and this step stops working (the new one owns the state)."""
+        self._retired()
+        self.synchronize()
+        settings = {**self._settings, "example": example if example is not None else self._settings["example"]}
+        planned = plan(settings["model"], gpu_mem if gpu_mem is not None else self.plan.schedule.gpu_mem,
+                       settings["example"], clip=settings["clip_grad_norm"] is not None, device=settings["device"],
+                       compute_dtype=settings["compute_dtype"], profile=settings["profile"], schedule=schedule)
+        if [s.params for s in planned.partition.stages] != [s.params for s in self._planned.partition.stages]:
+            raise ValueError("the new example partitions the model differently; compile it again instead")
+        self._engine = None  # its device buffers go before the new plan's are made
+        gc.collect()
+        if settings["device"].type == "cuda":
+            torch.cuda.empty_cache()
+        self._store.place(planned.plan.schedule.resident)
+        return Step(planned, self._store, _engine(planned, self._store, settings), settings)
+
+    def _retired(self) -> None:
+        if self._engine is None:
+            raise RuntimeError("this step was replanned; use the Step that replan() returned")
+
     def __call__(self, *args, **kwargs) -> torch.Tensor:
+        self._retired()
         inputs = self._planned.traced.flatten_inputs(args, kwargs)
         for name, expected, value in zip(self._planned.input_names, self._planned.input_specs, inputs):
             if _describe(value) != expected:
@@ -161,7 +202,8 @@ class Step:
 
     def synchronize(self) -> None:
         """Wait for the device and the CPU optimizer to finish every step issued so far."""
-        self._engine.synchronize()
+        if self._engine is not None:
+            self._engine.synchronize()
 
     @property
     def last_grad_norm(self) -> float | None:

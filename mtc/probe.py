@@ -112,7 +112,7 @@ def probe(device: torch.device, cpu_threads: int | None = None, quick: bool = Fa
             runner.join()
         copy_contended = _copies_beside(device, 1 << (24 if quick else 29), lambda: _host_adamw_rate(params))
         rates = dict(h2d_bytes_per_s=min(copies["h2d"], copy_contended), d2h_bytes_per_s=min(copies["d2h"], copy_contended),
-                     flops_per_s=_gemm_rate(device, 4096 if quick else 16384), optimizer_params_per_s=host_contended,
+                     flops_per_s=_block_rate(device, quick), optimizer_params_per_s=host_contended,
                      gpu_optimizer_params_per_s=_device_adamw_rate(device, params))
         detail = (f"alone: H2D {copies['h2d'] / 1e9:.1f} GB/s, D2H {copies['d2h'] / 1e9:.1f} GB/s, both "
                   f"{copies['both'] / 1e9:.1f} GB/s, host AdamW {host_optimizer / 1e9:.2f} G params/s")
@@ -217,6 +217,32 @@ def _gemm_rate(device: torch.device, tokens: int) -> float:
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     a @ b
     return 2 * tokens * hidden * width / _best_seconds(lambda: a @ b, 5, sync)
+
+
+def _block_rate(device: torch.device, quick: bool) -> float:
+    """FLOP/s a Llama-3-8B decoder block sustains in bf16 over 4096 tokens (quick: a quarter-width block
+    over 1024), counted as the planner counts them (its matmuls, and causal attention as half the
+    square) but timed with everything it runs (norms, rotary, SwiGLU, casts): its forward without
+    autograd, then again with it and its backward, as a recomputed stage runs in a step."""
+    from mtc.examples.models import LlamaBlock, LlamaConfig
+
+    scale, tokens = (4, 1024) if quick else (1, 4096)
+    cfg = LlamaConfig(vocab_size=256, hidden=4096 // scale, layers=1, heads=32 // scale, kv_heads=8 // scale,
+                      intermediate=14336 // scale)
+    block = LlamaBlock(cfg).to(device, torch.bfloat16)
+    x = torch.randn(1, tokens, cfg.hidden, device=device, dtype=torch.bfloat16, requires_grad=True)
+    angles = torch.rand(tokens, cfg.hidden // cfg.heads, device=device)
+    cos, sin = angles.cos().to(torch.bfloat16), angles.sin().to(torch.bfloat16)
+    matmul_params = sum(p.numel() for p in block.parameters() if p.dim() == 2)
+    head_dim = cfg.hidden // cfg.heads
+    forward_flops = 2 * tokens * matmul_params + 2 * cfg.heads * tokens * tokens * 2 * head_dim // 2
+
+    def step():
+        with torch.no_grad():
+            block(x, cos, sin)
+        block(x, cos, sin).sum().backward()
+    step()
+    return 4 * forward_flops / _best_seconds(step, 5, lambda: torch.cuda.synchronize(device))
 
 
 def _host_copy_rate(size: int) -> float:

@@ -188,6 +188,7 @@ class StateStore:
                  model: torch.nn.Module | None = None, init=None, progress: bool = True,
                  resident: list[int] = ()):
         init = init or reset_parameters
+        self.compute_dtype, self.device = compute_dtype, device
         shared_set = set(shared)
         specs = [(f"stage{i}", [n for n in names if n not in shared_set], RESIDENT if i in resident else STREAMED)
                  for i, names in enumerate(stage_params)]
@@ -232,6 +233,18 @@ class StateStore:
             self.buffers = {name: b.to(device) for name, b in values.items()}
         self.order = [name for name in params if name in used]
         """Trained parameters in the model's own order (clipping sums their norms in this order)."""
+
+    def place(self, resident: list[int]) -> None:
+        """Move stage groups between host and device so that exactly `resident` are on the device; the
+        state (master, moments, step count, weights) goes with them."""
+        for index, group in enumerate(self.groups):
+            kind = RESIDENT if index in resident else STREAMED
+            if group.kind != kind:
+                moved = Group(group.name, [(s.name, s.shape) for s in group.slices], self.compute_dtype, kind,
+                              self.device)
+                for name in ("master", "exp_avg", "exp_avg_sq", "step", "stream"):
+                    getattr(moved, name).copy_(getattr(group, name))
+                self.groups[index] = moved
 
     def all_groups(self) -> list[Group]:
         return self.groups + ([self.shared] if self.shared else [])

@@ -65,13 +65,15 @@ class BatchNormLM(nn.Module):
         return F.cross_entropy(self.head(h).flatten(0, 1), labels.flatten())
 
 
-def run_both(model, gpu_mem, clip=None, steps=5, kwargs=False, hp=None, seed=0):
-    """Train a copy eagerly with torch.optim.AdamW and the model with mtc; return both."""
+def run_both(model, gpu_mem, clip=None, steps=5, kwargs=False, hp=None, seed=0, schedule="solve", replan=None):
+    """Train a copy eagerly with torch.optim.AdamW and the model with mtc; return both.
+    replan={step index: Step.replan keyword arguments} switches plans before that step."""
     hp = hp or mtc.AdamW(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
     reference = copy.deepcopy(model)
     call = (lambda ids, labels: {"input_ids": ids, "labels": labels}) if kwargs else (lambda ids, labels: (ids, labels))
     example = call(*tokens(seed=1000))
-    step = mtc.compile(model, gpu_mem=gpu_mem, example=example, optimizer=hp, clip_grad_norm=clip, device="cpu")
+    step = mtc.compile(model, gpu_mem=gpu_mem, example=example, optimizer=hp, clip_grad_norm=clip, device="cpu",
+                       schedule=schedule)
     # fused=True: the same AdamW kernel mtc runs. The for-loop variant rounds differently, and AdamW
     # turns a rounding difference in a near-zero gradient into an lr-sized one (measured: 2.6e-5).
     optimizer = torch.optim.AdamW(reference.parameters(), lr=hp.lr, betas=hp.betas, eps=hp.eps,
@@ -79,6 +81,8 @@ def run_both(model, gpu_mem, clip=None, steps=5, kwargs=False, hp=None, seed=0):
     losses, reference_losses = [], []
     for index in range(steps):
         batch = call(*tokens(seed=seed + index))
+        if replan and index in replan:
+            step = step.replan(**replan[index])
         torch.manual_seed(index)
         losses.append(float(step(**batch) if kwargs else step(*batch)))
         torch.manual_seed(index)

@@ -44,6 +44,30 @@ def test_streamed_training_equals_eager(name, clip):
         assert step.last_grad_norm > clip  # clipping really scaled the gradients
 
 
+def test_replanning_moves_the_state_and_training_goes_on_exactly():
+    """The spine plan (all streamed, all recomputed), then a plan keeping some stages resident and some
+    activations, then all streamed again: the same training as eager throughout."""
+    spine = mtc.plan(llama(), "15MB", tokens(), device="cpu", schedule="spine").plan.schedule
+    solved = mtc.plan(llama(), "15MB", tokens(), device="cpu").plan.schedule
+    assert (spine.slots, spine.resident, spine.keep) == (2, [], [])
+    assert solved.resident and solved.keep
+    torch.manual_seed(0)
+    step, reference, losses, reference_losses = run_both(
+        llama(), "15MB", clip=1.0, schedule="spine", replan={2: {}, 4: {"gpu_mem": "3.5MB"}})
+    assert step.plan.schedule.resident == [] and step.plan.schedule.gpu_mem == 3_500_000
+    assert_same_training(step, reference, losses, reference_losses)
+
+
+def test_a_replanned_step_refuses_to_run():
+    torch.manual_seed(0)
+    step = mtc.compile(llama(), gpu_mem="15MB", example=tokens(), device="cpu")
+    step(*tokens())
+    newer = step.replan(gpu_mem="3.5MB")
+    with pytest.raises(RuntimeError, match="replanned"):
+        step(*tokens())
+    assert newer.plan.schedule.resident == [] and float(newer(*tokens())) > 0
+
+
 def test_tied_embedding_is_one_parameter_updated_once():
     torch.manual_seed(0)
     step, reference, losses, reference_losses = run_both(gpt2(), "5.5MB")

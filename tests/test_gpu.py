@@ -5,19 +5,28 @@ import pytest
 import torch
 
 import mtc
+from mtc.passes import schedule
 from mtc.examples import models
 from models import llama, tokens
 
 pytestmark = pytest.mark.gpu
 
 
-def test_fp32_on_the_gpu_matches_eager_on_the_gpu():
+@pytest.mark.parametrize("policy", ["solved", "stream and keep all", "stream and recompute all"])
+def test_fp32_on_the_gpu_matches_eager_on_the_gpu(policy, monkeypatch):
+    if policy != "solved":  # every stage through two slots; activations kept (read back from the slots) or not
+        monkeypatch.setattr(schedule, "_resident_sets", lambda count: [[]])
+        monkeypatch.setattr(schedule, "_keep_sets", lambda costs, *args: [
+            list(range(len(costs.stages) - 1)) if policy.endswith("keep all") else []])
     torch.manual_seed(0)
     model = llama()
     reference = copy.deepcopy(model).cuda()
     hp = mtc.AdamW(lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
-    step = mtc.compile(model, gpu_mem="3.5MB", example=tokens(), optimizer=hp, clip_grad_norm=1.0,
-                       device="cuda", compute_dtype=torch.float32)
+    step = mtc.compile(model, gpu_mem="3.5MB" if policy == "solved" else "1GB", example=tokens(), optimizer=hp,
+                       clip_grad_norm=1.0, device="cuda", compute_dtype=torch.float32)
+    if policy != "solved":
+        assert step.plan.schedule.resident == [] and len(step.plan.schedule.keep) == (
+            len(step.plan.schedule.stages) - 1 if policy.endswith("keep all") else 0)
     optimizer = torch.optim.AdamW(reference.parameters(), lr=hp.lr, betas=hp.betas, weight_decay=hp.weight_decay,
                                   fused=True)
     for seed in range(3):
