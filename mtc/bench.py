@@ -16,6 +16,7 @@ What is counted (printed with the results too):
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import resource
@@ -25,7 +26,7 @@ import time
 import torch
 
 import mtc
-from mtc.codegen.stream_plan import STREAMS
+from mtc.codegen.stream_plan import STREAMS, duration
 from mtc.config import format_bytes, parse_bytes
 from mtc.examples import models
 from mtc.passes.schedule import MemoryBudgetError
@@ -88,9 +89,12 @@ def run(preset: str, batch: tuple[int, int], gpu_mem: str = "80GB", steps: int =
 
 def sweep(preset: str, batches: list[tuple[int, int]], budgets: list[str], schedules=("solve", "spine"),
           steps: int = 4, warmup: int = 1, clip: float | None = None, cpu_threads: int | None = None,
-          progress=print) -> list[dict]:
+          progress=print, calibrate: bool = True) -> dict:
     """Measured against predicted, for every batch x gpu_mem x schedule, on one state store (built once;
-    each row replans it). Each row is held to its gpu_mem like run()."""
+    each row replans it). Each row is held to its gpu_mem like run().
+
+    calibrate: first run the spine plan (every lane busy) at the first batch and budget, and plan every
+    row with the rates its steps showed (see _calibrated) instead of the machine's probed profile."""
     if not torch.cuda.is_available():
         raise RuntimeError("mtc bench measures a GPU and torch sees none")
     device = torch.device("cuda", torch.cuda.current_device())
@@ -98,7 +102,17 @@ def sweep(preset: str, batches: list[tuple[int, int]], budgets: list[str], sched
     model = models.build(preset, device="meta")
     params = models.parameter_count(model)
     generator = torch.Generator().manual_seed(0)
-    rows, step = [], None
+    rows, step, profile, calibration = [], None, None, None
+    if calibrate:
+        sequences, seq = batches[0]
+        example = tuple(torch.randint(0, models.PRESETS[preset].vocab_size, (sequences, seq)).to(device)
+                        for _ in range(2))
+        torch.cuda.set_per_process_memory_fraction(min(1.0, parse_bytes(budgets[0], "gpu_mem") / total), device)
+        step = mtc.compile(model, gpu_mem=budgets[0], example=example, clip_grad_norm=clip, device=device,
+                           init=models.init_weights, cpu_threads=cpu_threads, optimizer=mtc.AdamW(lr=1e-4),
+                           schedule="spine")
+        profile, calibration = _calibrated(step, [example, example], warmup)
+        progress(calibration)
     for sequences, seq in batches:
         inputs = [tuple(torch.randint(0, models.PRESETS[preset].vocab_size, (sequences, seq), generator=generator)
                         .to(device) for _ in range(2)) for _ in range(2)]
@@ -113,7 +127,7 @@ def sweep(preset: str, batches: list[tuple[int, int]], budgets: list[str], sched
                                            device=device, init=models.init_weights, cpu_threads=cpu_threads,
                                            optimizer=mtc.AdamW(lr=1e-4), schedule=schedule)
                     else:
-                        step = step.replan(gpu_mem=gpu_mem, example=inputs[0], schedule=schedule)
+                        step = step.replan(gpu_mem=gpu_mem, example=inputs[0], schedule=schedule, profile=profile)
                 except MemoryBudgetError as error:
                     row["does_not_fit"] = str(error).split(";")[0]
                     rows.append(row)
@@ -130,13 +144,50 @@ def sweep(preset: str, batches: list[tuple[int, int]], budgets: list[str], sched
                     row["out_of_memory"] = str(error).splitlines()[0]
                     step.synchronize()
                 else:
+                    row["busy_s"] = _lane_seconds(step, inputs)
+                    row["predicted_busy_s"] = {stream: sum(duration(step.plan.stream_plan, i, step.plan.profile)
+                                                           for i in step.plan.stream_plan.on(stream))
+                                               for stream in STREAMS}
                     row["measured_over_predicted"] = row["step_s"] / row["predicted_step_s"]
                     row["peak_over_predicted"] = row["peak_gpu_allocated_bytes"] / row["predicted_peak_bytes"]
                     row["within_gpu_mem"] = row["peak_gpu_reserved_bytes"] <= parse_bytes(gpu_mem, "gpu_mem")
                 rows.append(row)
                 progress(row)
     torch.cuda.set_per_process_memory_fraction(1.0, device)
-    return rows
+    return {"calibration": calibration, "rows": rows}
+
+
+def _calibrated(step, inputs, warmup: int):
+    """The step's profile with each lane's rate scaled by predicted / measured busy time in a traced step:
+    the rates this model's kernels and this host's optimizer reach inside a step, with everything else
+    running beside them (the probe measures them one or two at a time). The device AdamW rate is kept:
+    the spine plan updates nothing on the device."""
+    for index in range(warmup + 1):
+        step(*inputs[index % 2])
+    step.synchronize()
+    measured = _lane_seconds(step, inputs)
+    plan, profile = step.plan.stream_plan, step.plan.profile
+    predicted = {stream: sum(duration(plan, i, profile) for i in plan.on(stream)) for stream in STREAMS}
+    rate = {"h2d": "h2d_bytes_per_s", "d2h": "d2h_bytes_per_s", "compute": "flops_per_s",
+            "cpu": "optimizer_params_per_s"}
+    scaled = {field: getattr(profile, field) * predicted[lane] / measured[lane]
+              for lane, field in rate.items() if measured[lane] > 0 and predicted[lane] > 0}
+    calibrated = dataclasses.replace(profile, name=f"{profile.name}, calibrated in-step", **scaled,
+                                     source=f"{profile.source}; lane rates from a traced spine step of this model")
+    return calibrated, {"probed": profile.to_json(), "calibrated": calibrated.to_json(),
+                        "measured_busy_s": measured, "predicted_busy_s": predicted}
+
+
+def _lane_seconds(step, inputs) -> dict:
+    """Busy seconds per stream in the second of two traced steps."""
+    engine = step._engine
+    engine.start_trace()
+    for index in range(2):
+        step(*inputs[index])
+    rows = engine.stop_trace()
+    last = max(r[0] for r in rows)
+    return {stream: sum(end - start for s, instr, start, end in rows if s == last and instr.stream == stream)
+            for stream in STREAMS}
 
 
 def sweep_table(rows: list[dict]) -> str:

@@ -229,13 +229,13 @@ def _bench_sweep(args, bench) -> int:
         parse_bytes(budget, "--gpu-mem")
     if args.vs or args.trace:
         raise ValueError("--vs and --trace time one configuration; leave out --schedule and the lists")
-    rows = bench.sweep(args.preset, [_batch(b) for b in args.batch.split(",")], budgets, schedules,
-                       steps=args.steps, warmup=args.warmup, clip=args.clip or None, cpu_threads=args.cpu_threads,
-                       progress=lambda row: print(json.dumps(row), flush=True))
-    print(bench.sweep_table(rows))
+    result = bench.sweep(args.preset, [_batch(b) for b in args.batch.split(",")], budgets, schedules,
+                         steps=args.steps, warmup=args.warmup, clip=args.clip or None,
+                         cpu_threads=args.cpu_threads, progress=lambda row: print(json.dumps(row), flush=True))
+    print(bench.sweep_table(result["rows"]))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+            json.dump(result, f, indent=1)
     return 0
 
 

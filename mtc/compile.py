@@ -160,23 +160,26 @@ class Step:
         self.plan = planned.plan
         self.steps = 0
 
-    def replan(self, gpu_mem=None, example=None, schedule: str = "solve") -> "Step":
+    def replan(self, gpu_mem=None, example=None, schedule: str = "solve", profile=None) -> "Step":
         """A step for another budget or batch shape that trains the same state: the model is traced and
         planned again (nothing is re-initialised), stages move between host and device as the new plan
-        places them, and this step stops working (the new one owns the state)."""
+        places them, and this step stops working (the new one owns the state). profile: as in compile
+        (default: this step's)."""
         self._retired()
         self.synchronize()
-        settings = {**self._settings, "example": example if example is not None else self._settings["example"]}
+        settings = {**self._settings, "example": example if example is not None else self._settings["example"],
+                    "profile": profile if profile is not None else self._settings["profile"]}
         planned = plan(settings["model"], gpu_mem if gpu_mem is not None else self.plan.schedule.gpu_mem,
                        settings["example"], clip=settings["clip_grad_norm"] is not None, device=settings["device"],
                        compute_dtype=settings["compute_dtype"], profile=settings["profile"], schedule=schedule)
         if [s.params for s in planned.partition.stages] != [s.params for s in self._planned.partition.stages]:
             raise ValueError("the new example partitions the model differently; compile it again instead")
         self._engine = None  # its device buffers go before the new plan's are made
-        gc.collect()
-        if settings["device"].type == "cuda":
-            torch.cuda.empty_cache()
-        self._store.place(planned.plan.schedule.resident)
+        for move in (lambda: None, lambda: self._store.place(planned.plan.schedule.resident)):
+            move()
+            gc.collect()  # the caching allocator keeps what was freed: hand it back before the new plan
+            if settings["device"].type == "cuda":
+                torch.cuda.empty_cache()
         return Step(planned, self._store, _engine(planned, self._store, settings), settings)
 
     def _retired(self) -> None:
