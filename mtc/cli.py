@@ -11,7 +11,7 @@ import torch
 import mtc
 from mtc.codegen.stream_plan import chrome_trace
 from mtc.config import parse_bytes
-from mtc.passes.schedule import MemoryBudgetError
+from mtc.passes.schedule import ALLOCATOR_HEADROOM, MemoryBudgetError, fixed_plan
 from mtc.plan import stage_table
 from mtc.examples import data, models
 
@@ -147,7 +147,7 @@ def _plan(args) -> int:
                         host_mem=host_mem)
 
     if args.max_seq:
-        seq = _longest_sequence(plan_for, args.max_seq)
+        seq = _longest_sequence(plan_for, batch, gpu_mem, bool(args.clip), args.max_seq)
         print(f"longest sequence that fits: {seq} tokens ({batch}x{seq}, multiples of {SEQ_STEP})")
     try:
         planned = plan_for(seq)
@@ -171,9 +171,24 @@ SEQ_STEP = 128
 """--max-seq searches sequence lengths in steps of this many tokens."""
 
 
-def _longest_sequence(plan_for, limit: int) -> int:
-    """The longest multiple of SEQ_STEP up to `limit` whose plan fits: a binary search, one plan per probe
-    (device memory grows with the sequence, so what fits is a prefix of the lengths)."""
+def _longest_sequence(plan_for, batch: int, gpu_mem: int, clip: bool, limit: int) -> int:
+    """The longest multiple of SEQ_STEP up to `limit` whose plan fits. Device memory grows with the
+    sequence, so what fits is a prefix of the lengths: a binary search over the smallest plan (one slot,
+    nothing resident, everything recomputed: a plan fits if and only if that one does), its costs
+    evaluated from the polynomials of b and s fitted once (passes.costs.symbolic_costs). The answer is
+    then planned for real; should that disagree, the search runs again planning every probe."""
+    if limit < SEQ_STEP:
+        raise ValueError(f"--max-seq={limit} is not valid; expected a number of tokens >= {SEQ_STEP}")
+    try:
+        base = plan_for(SEQ_STEP)
+    except MemoryBudgetError:
+        raise ValueError(f"not even {SEQ_STEP} tokens a sequence fit; give a larger --gpu-mem or a smaller batch")
+    symbolic = base.symbolic_costs()
+    budget = int(gpu_mem * (1 - ALLOCATOR_HEADROOM))
+
+    def fits_on_paper(tokens):
+        return fixed_plan(symbolic.at(batch, tokens), gpu_mem, clip, 1, []).peak_bytes <= budget
+
     def fits(tokens):
         try:
             plan_for(tokens)
@@ -181,12 +196,20 @@ def _longest_sequence(plan_for, limit: int) -> int:
         except MemoryBudgetError:
             return False
 
-    if limit < SEQ_STEP:
-        raise ValueError(f"--max-seq={limit} is not valid; expected a number of tokens >= {SEQ_STEP}")
-    low, high = 0, limit // SEQ_STEP  # in steps: low fits (or is 0), high is the upper end
-    if not fits(SEQ_STEP):
-        raise ValueError(f"not even {SEQ_STEP} tokens a sequence fit; give a larger --gpu-mem or a smaller batch")
-    low = 1
+    print("costs as polynomials of batch b and sequence length s (one stage per template):")
+    seen = set()
+    for index, stage in enumerate(base.partition.stages):
+        if stage.template.name not in seen:
+            seen.add(stage.template.name)
+            print(f"  {stage.name}: " + "; ".join(f"{field} = {text}" for field, text in symbolic.describe(index).items()))
+    seq = _search(fits_on_paper, limit)
+    if fits(seq) and (seq + SEQ_STEP > limit or not fits(seq + SEQ_STEP)):
+        return seq
+    return _search(fits, limit)
+
+
+def _search(fits, limit: int) -> int:
+    low, high = 1, limit // SEQ_STEP  # in steps: low fits, high is the upper end
     while low < high:
         middle = (low + high + 1) // 2
         if fits(middle * SEQ_STEP):

@@ -10,7 +10,7 @@ import torch
 
 from mtc.codegen.stream_plan import chrome_trace, lower
 from mtc.config import AdamW, format_bytes, parse_bytes
-from mtc.passes.costs import costs_pass
+from mtc.passes.costs import Costs, SymbolicCosts, costs_pass, reshaped, symbolic_costs
 from mtc.passes.partition import partition_pass
 from mtc.passes.schedule import fixed_plan, schedule_pass
 from mtc.passes.trace import trace_pass
@@ -66,6 +66,26 @@ class Planned:
 
     def __init__(self, **fields):
         self.__dict__.update(fields)
+        self._symbolic = None
+
+    @property
+    def shape(self) -> tuple[int, int] | None:
+        """(batch, sequence length) of the example: its first tensor input of two or more dimensions."""
+        return next((tuple(v.shape[:2]) for v in self.inputs if isinstance(v, torch.Tensor) and v.dim() >= 2), None)
+
+    def costs_at(self, batch: int, seq: int) -> Costs:
+        """The costs pass for another batch and sequence length, on the same trace and partition."""
+        inputs = reshaped(self.inputs, *self.shape, batch, seq)
+        return costs_pass(self.partition, self.params, self.buffers, inputs, self.compute_dtype,
+                          self.traced.unflatten_output)
+
+    def symbolic_costs(self) -> SymbolicCosts:
+        """Each stage's bytes and FLOPs as polynomials of batch b and sequence length s (fitted once)."""
+        if self.shape is None:
+            raise ValueError("the example has no tensor input of shape (batch, sequence, ...)")
+        if self._symbolic is None:
+            self._symbolic = symbolic_costs(self.costs_at, *self.shape)
+        return self._symbolic
 
 
 SCHEDULES = ("solve", "spine")
@@ -125,7 +145,7 @@ def plan(model, gpu_mem="80GB", example=None, clip: bool = False, device=None, c
               "profile": profile.to_json(), "passes": timings, "host_bytes": host_bytes, "host_mem": host_mem,
               "inputs": [_describe(v) for v in inputs]}
     planned = Planned(plan=Plan(header, templates, stream_plan), traced=traced, partition=partition, costs=costs,
-                      params=params, buffers=buffers, compute_dtype=compute_dtype, device=device,
+                      params=params, buffers=buffers, compute_dtype=compute_dtype, device=device, inputs=inputs,
                       input_specs=[_describe(v) for v in inputs], input_names=list(partition.graph_inputs))
     if os.environ.get("MTC_DEBUG"):
         write_debug_directory(planned, profile)

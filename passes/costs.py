@@ -5,9 +5,11 @@ its parameters, and which values between stages carry gradients.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
+import sympy
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
@@ -221,3 +223,72 @@ class _MemoryProfile(fx.Interpreter):
                 if last_use[used] == index and nodes[-1] not in used.users:
                     live -= self.sizes.get(used, 0)
         return peak
+
+
+# -- costs as functions of the batch and the sequence length ----------------------------------------
+
+BATCH, SEQ = sympy.symbols("b s", positive=True, integer=True)
+MONOMIALS = (sympy.Integer(1), BATCH, SEQ, BATCH * SEQ, SEQ**2, BATCH * SEQ**2)
+"""Terms a stage's bytes and FLOPs are made of: weights (1), per-sequence tables (s, s^2), per-token
+activations and matmuls (b*s), attention (b*s^2)."""
+SHAPED = ("saved_bytes", "forward_bytes", "backward_bytes", "forward_flops", "activation_bytes")
+"""StageCost fields that depend on the input shapes; the others (weights, gradients) do not."""
+
+
+@dataclass
+class SymbolicCosts:
+    """Every stage's shaped costs as sympy polynomials of b (batch) and s (sequence length), fitted
+    exactly on a grid of shapes around the example and checked at a shape outside it. A field whose
+    check fails (a peak that switches between intermediates as the shapes grow) is None: at() then
+    runs the costs pass at the asked shape instead."""
+    base: Costs
+    expressions: list[dict[str, sympy.Expr | None]]
+    costs_at: object
+    """(batch, seq) -> Costs: the costs pass itself, for fields that are not polynomials."""
+
+    def at(self, batch: int, seq: int) -> Costs:
+        if any(e is None for fields in self.expressions for e in fields.values()):
+            return self.costs_at(batch, seq)
+        values = {BATCH: batch, SEQ: seq}
+        stages = [dataclasses.replace(stage, **{f: int(e.subs(values)) for f, e in fields.items()})
+                  for stage, fields in zip(self.base.stages, self.expressions)]
+        return dataclasses.replace(self.base, stages=stages)
+
+    def describe(self, stage: int) -> dict[str, str]:
+        return {f: ("(not a polynomial: evaluated per shape)" if e is None else str(e))
+                for f, e in self.expressions[stage].items()}
+
+
+def symbolic_costs(costs_at, batch: int, seq: int) -> SymbolicCosts:
+    """Fit SymbolicCosts from the costs pass at b in {batch, 2 batch} x s in {seq, 2 seq, 3 seq} (a grid
+    on which the six monomials are independent), checked at (3 batch, 4 seq)."""
+    grid = [(b, s) for b in (batch, 2 * batch) for s in (seq, 2 * seq, 3 * seq)]
+    samples = [costs_at(b, s) for b, s in grid]
+    check = costs_at(3 * batch, 4 * seq)
+    system = sympy.Matrix([[m.subs({BATCH: b, SEQ: s}) for m in MONOMIALS] for b, s in grid])
+    inverse = system.inv()
+    expressions = []
+    for index in range(len(samples[0].stages)):
+        fields = {}
+        for name in SHAPED:
+            values = sympy.Matrix([getattr(c.stages[index], name) for c in samples])
+            expression = sum(c * m for c, m in zip(inverse * values, MONOMIALS))
+            exact = expression.subs({BATCH: 3 * batch, SEQ: 4 * seq}) == getattr(check.stages[index], name)
+            fields[name] = sympy.expand(expression) if exact else None
+        expressions.append(fields)
+    return SymbolicCosts(samples[0] if (batch, seq) == grid[0] else costs_at(batch, seq), expressions, costs_at)
+
+
+def reshaped(inputs: list, batch: int, seq: int, new_batch: int, new_seq: int) -> list:
+    """The inputs as meta tensors for another batch and sequence length: a leading (batch, seq) becomes
+    (new_batch, new_seq), a leading batch alone new_batch; other inputs are kept."""
+    def one(value):
+        if not isinstance(value, torch.Tensor) or value.dim() == 0:
+            return value
+        shape = list(value.shape)
+        if shape[0] == batch:
+            shape[0] = new_batch
+            if len(shape) > 1 and shape[1] == seq:
+                shape[1] = new_seq
+        return torch.empty(shape, dtype=value.dtype, device="meta")
+    return [one(v) for v in inputs]

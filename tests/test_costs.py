@@ -1,0 +1,30 @@
+"""passes/costs: bytes and FLOPs per stage, and their polynomials of batch and sequence length."""
+import pytest
+import torch
+
+import mtc
+from mtc.examples import models
+from mtc.passes.costs import BATCH, SEQ
+from models import gpt2, llama, tokens
+
+
+@pytest.mark.parametrize("build", [llama, gpt2], ids=["llama", "gpt2"])
+@pytest.mark.parametrize("batch, seq", [(1, 5), (3, 8), (4, 16), (7, 3)])
+def test_the_fitted_polynomials_equal_the_costs_pass_at_other_shapes(build, batch, seq):
+    torch.manual_seed(0)
+    planned = mtc.plan(build(), "1GB", tokens(batch=2, seq=4), device="cpu")
+    symbolic = planned.symbolic_costs()
+    assert all(e is not None for fields in symbolic.expressions for e in fields.values())
+    assert symbolic.at(batch, seq).stages == planned.costs_at(batch, seq).stages
+
+
+def test_a_decoder_layer_costs_what_its_shapes_say():
+    """8B layer: 2 FLOPs per weight per token, causal attention half of 2*b*heads*s^2*(d + d)."""
+    model = models.build("8b", device="meta")
+    example = (torch.empty(1, 256, dtype=torch.long, device="meta"),) * 2
+    symbolic = mtc.plan(model, "80GB", example, device="cuda").symbolic_costs()
+    layer = symbolic.expressions[1]
+    params = 4096 * (4096 + 1024 + 1024 + 4096) + 3 * 4096 * 14336
+    assert layer["forward_flops"] == 2 * params * BATCH * SEQ + 32 * 128 * 2 * BATCH * SEQ**2
+    assert layer["saved_bytes"].coeff(BATCH * SEQ) == 4096 * 2  # the bf16 residual stream
+    assert layer["activation_bytes"].as_poly(BATCH, SEQ).degree(SEQ) == 1  # fused attention: no s^2 held
