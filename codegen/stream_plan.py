@@ -2,8 +2,9 @@
 across streams only by the events it waits on. The list order is a valid sequential order too:
 the CPU engine runs it as written; the CUDA engine issues each stream's part in that order.
 
-Streams: h2d (weight copy-in), compute (forward, backward, the clip norm, AdamW of resident stages),
-d2h (gradient copy-out), cpu (AdamW of streamed stages and the shared group, on the host).
+Streams: h2d (weight copy-in; offloaded inputs fetched back), compute (forward, backward, the clip norm,
+AdamW of resident stages), d2h (gradient copy-out; inputs offloaded), cpu (AdamW of streamed stages and
+the shared group, on the host).
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ class Instr:
     id: int
     stream: str
     op: str
-    """copy_in, forward, loss, backward, copy_out, free_grad, clip or optimizer."""
+    """copy_in, forward, loss, backward, copy_out, free_grad, clip, optimizer; offload (a stage's input
+    to the host), free_input (its device copy released), fetch (back to the device)."""
     stage: int | None
     """Index into the plan's stages; SHARED for the resident group; None for clip."""
     slot: int | None = None
@@ -69,14 +71,14 @@ class StreamPlan:
         return cls(Schedule.from_json(data["schedule"]), [Instr(**i) for i in data["instrs"]])
 
     def __str__(self) -> str:
-        lines = [f"{'id':>4} {'stream':<8}{'op':<10}{'stage':<18}{'slot':>4} {'bytes':>11}  waits"]
+        lines = [f"{'id':>4} {'stream':<8}{'op':<11}{'stage':<18}{'slot':>4} {'bytes':>11}  waits"]
         for instr in self.instrs:
             waits = [f"{self.instrs[w].op}:{self.stage_name(self.instrs[w].stage)}" for w in instr.waits]
             waits += [f"prev.{self.instrs[w].op}:{self.stage_name(self.instrs[w].stage)}"
                       for w in instr.waits_prev_step]
             slot = "-" if instr.slot is None else str(instr.slot)
             size = format_bytes(instr.bytes) if instr.bytes else "-"
-            lines.append(f"{instr.id:>4} {instr.stream:<8}{instr.op:<10}{self.stage_name(instr.stage):<18}"
+            lines.append(f"{instr.id:>4} {instr.stream:<8}{instr.op:<11}{self.stage_name(instr.stage):<18}"
                          f"{slot:>4} {size:>11}  {', '.join(waits)}")
         return "\n".join(lines)
 
@@ -98,10 +100,20 @@ def lower(schedule: Schedule) -> StreamPlan:
     copy_out_of: dict[int, Instr] = {}
     backward_of: dict[int, Instr] = {}
     pending_free: list[tuple[Instr, Instr]] = []
+    offloads: dict[int, Instr] = {}
+    pending_input_free: list[tuple[Instr, Instr]] = []
+    backwards: list[Instr] = []
     optimizers: dict[int, Instr] = {}
     for index, use in enumerate(schedule.uses):
         stage = schedule.stages[use.stage]
         waits = [shared_in.id] if shared_in and index == 0 else []
+        fetch = None
+        if use.phase == "backward" and use.stage in schedule.offload:
+            # Ahead of the weights, but not before the backward two stages on has finished: the fetched
+            # input then lives through one other backward (the memory model counts it there).
+            fetch = emit("h2d", "fetch", use.stage, bytes=stage.offload_bytes,
+                         waits=[offloads[use.stage].id] + [b.id for b in backwards[-2:-1]])
+            waits.append(fetch.id)
         copy_in = None
         if use.stage not in resident:
             previous = last_reader.get(use.slot)
@@ -113,8 +125,15 @@ def lower(schedule: Schedule) -> StreamPlan:
             compute = emit("compute", "forward", use.stage, slot=use.slot, waits=waits, reads=reads,
                            bytes=held_bytes(schedule, use.stage), work_bytes=stage.forward_bytes)
             forward_of[use.stage] = compute
+            for forward, offload in pending_input_free:  # the previous stage's input, once on the host
+                emit("compute", "free_input", forward.stage, waits=[offload.id], releases=[forward.id])
+            pending_input_free.clear()
+            if use.stage in schedule.offload:
+                offloads[use.stage] = emit("d2h", "offload", use.stage, bytes=stage.offload_bytes,
+                                           waits=[compute.id])
+                pending_input_free.append((compute, offloads[use.stage]))
         else:
-            released = [forward_of[use.stage].id] if use.phase == "backward" else []
+            released = [forward_of[use.stage].id] if use.phase == "backward" and fetch is None else []
             kept_input = stage.saved_bytes if use.phase == "loss" else 0
             # A streamed stage's gradient goes to a slot-sized device buffer until its copy-out is done; a
             # resident stage's lives on the device (resident_bytes) until the GPU update consumes it.
@@ -122,6 +141,10 @@ def lower(schedule: Schedule) -> StreamPlan:
                            bytes=0 if copy_in is None else schedule.slot_bytes, releases=released,
                            work_bytes=backward_work_bytes(schedule, use.stage) + kept_input)
             backward_of[use.stage] = compute
+            backwards.append(compute)
+            for forward, offload in pending_input_free:  # the last offloading stage's input (before the loss)
+                emit("compute", "free_input", forward.stage, waits=[offload.id], releases=[forward.id])
+            pending_input_free.clear()
             if copy_in is None:
                 if not schedule.clip:
                     optimizers[use.stage] = _emit_gpu_update(emit, compute)
@@ -177,9 +200,9 @@ def _emit_free(emit, compute: Instr, copy_out: Instr):
 
 def duration(plan: StreamPlan, instr: Instr, profile: HardwareProfile) -> float:
     """Predicted seconds for one instruction on the given hardware."""
-    if instr.op == "copy_in":
+    if instr.op in ("copy_in", "fetch"):
         return instr.bytes / profile.h2d_bytes_per_s
-    if instr.op == "copy_out":
+    if instr.op in ("copy_out", "offload"):
         return instr.bytes / profile.d2h_bytes_per_s
     if instr.op == "forward":
         return plan.stages[instr.stage].forward_flops / profile.flops_per_s

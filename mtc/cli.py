@@ -11,7 +11,7 @@ import torch
 import mtc
 from mtc.codegen.stream_plan import chrome_trace
 from mtc.config import parse_bytes
-from mtc.passes.schedule import ALLOCATOR_HEADROOM, MemoryBudgetError, fixed_plan
+from mtc.passes.schedule import ALLOCATOR_HEADROOM, MemoryBudgetError, smallest_plan
 from mtc.plan import stage_table
 from mtc.examples import data, models
 
@@ -174,7 +174,7 @@ SEQ_STEP = 128
 def _longest_sequence(plan_for, batch: int, gpu_mem: int, clip: bool, limit: int) -> int:
     """The longest multiple of SEQ_STEP up to `limit` whose plan fits. Device memory grows with the
     sequence, so what fits is a prefix of the lengths: a binary search over the smallest plan (one slot,
-    nothing resident, everything recomputed: a plan fits if and only if that one does), its costs
+    nothing resident, inputs offloaded: a plan fits if and only if that one does), its costs
     evaluated from the polynomials of b and s fitted once (passes.costs.symbolic_costs). The answer is
     then planned for real; should that disagree, the search runs again planning every probe."""
     if limit < SEQ_STEP:
@@ -187,7 +187,7 @@ def _longest_sequence(plan_for, batch: int, gpu_mem: int, clip: bool, limit: int
     budget = int(gpu_mem * (1 - ALLOCATOR_HEADROOM))
 
     def fits_on_paper(tokens):
-        return fixed_plan(symbolic.at(batch, tokens), gpu_mem, clip, 1, []).peak_bytes <= budget
+        return smallest_plan(symbolic.at(batch, tokens), gpu_mem, clip).peak_bytes <= budget
 
     def fits(tokens):
         try:

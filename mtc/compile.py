@@ -124,7 +124,7 @@ def plan(model, gpu_mem="80GB", example=None, clip: bool = False, device=None, c
     profile = resolve_profile(profile) if profile is not None else profile_for(
         device, device_known=device.type != "cuda" or torch.cuda.is_available())
     if schedule == "spine":
-        schedule = timed("schedule", fixed_plan, costs, gpu_mem, clip, 2, [], [], True)
+        schedule = timed("schedule", lambda: fixed_plan(costs, gpu_mem, clip, slots=2, resident=[], check=True))
     else:
         schedule = timed("schedule", schedule_pass, costs, gpu_mem, clip, None, None, profile)
     stream_plan = timed("lower", lower, schedule)

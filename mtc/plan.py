@@ -73,8 +73,9 @@ class Plan:
             f"{len(schedule.resident)} resident {_ranges(schedule.resident)} (AdamW on the device); "
             f"{format_bytes(schedule.resident_bytes)} on the device all step"
             f"{'; clip by global norm' if schedule.clip else ''}",
-            f"activations: {len(schedule.keep) + 1} stages keep theirs for the backward {_ranges(schedule.keep)} and "
-            f"the last; {len(schedule.stages) - len(schedule.keep) - 1} recompute them from their input",
+            f"activations: {len(schedule.keep) + 1} stages keep theirs for the backward {_ranges(schedule.keep)} "
+            f"and the last; {len(schedule.offload)} offload their input to the host{_ranges(schedule.offload, ' ')}; "
+            f"{len(schedule.stages) - len(schedule.keep) - len(schedule.offload) - 1} recompute from their input",
             f"device peak {format_bytes(schedule.peak_bytes)} of {format_bytes(schedule.gpu_mem)}",
             f"per step: {format_bytes(sum(i.bytes for i in self.stream_plan.on('h2d')))} in, "
             f"{format_bytes(sum(i.bytes for i in self.stream_plan.on('d2h')))} out; profile '{profile.name}' "
@@ -93,8 +94,8 @@ class Plan:
         return self.summary() + "\n\n" + str(self.stream_plan)
 
 
-def _ranges(indices: list[int]) -> str:
-    """[0, 1, 2, 5] -> '(stages 0-2, 5)'."""
+def _ranges(indices: list[int], before: str = "") -> str:
+    """[0, 1, 2, 5] -> '(stages 0-2, 5)' (after `before`); [] -> ''."""
     runs = []
     for index in indices:
         if runs and runs[-1][1] == index - 1:
@@ -102,7 +103,7 @@ def _ranges(indices: list[int]) -> str:
         else:
             runs.append([index, index])
     text = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
-    return f"(stages {text})" if runs else ""
+    return f"{before}(stages {text})" if runs else ""
 
 
 def stage_table(stages, stream_plan=None, profile=None) -> str:
@@ -133,8 +134,8 @@ def _stage_plan(stream_plan, profile, stage: int) -> str:
     update = next((i for i in mine if i.op == "optimizer"), None)
     where = "resident" if resident else ("shared" if stage == SHARED else "streamed")
     where += "" if update is None else ("/gpu" if update.stream == "compute" else "/cpu")
-    moved_in = sum(i.bytes for i in mine if i.op == "copy_in")
-    moved_out = sum(i.bytes for i in mine if i.op == "copy_out")
+    moved_in = sum(i.bytes for i in mine if i.op in ("copy_in", "fetch"))
+    moved_out = sum(i.bytes for i in mine if i.op in ("copy_out", "offload"))
     activations = stream_plan.schedule.policy(stage) if stage != SHARED else "-"
     return (f"{where:<13}{activations:<12}{format_bytes(moved_in) if moved_in else '-':>11}{format_bytes(moved_out) if moved_out else '-':>11}"
             f"{total(('forward',)):>9.1f}{total(('loss', 'backward')):>9.1f}{total(('optimizer',)):>10.1f}")

@@ -46,6 +46,9 @@ class StageCost:
     """What autograd saves in the forward for the backward, besides the weights and the stage's inputs (at
     most every intermediate once; attention as a fused kernel keeps it: q, k, v, output, log-sum-exp).
     Held from forward to backward when the stage keeps its activations instead of recomputing them."""
+    offload_bytes: int = 0
+    """Bytes of the inputs only this stage's backward reads again (Partition.offloadable_inputs): what
+    crosses to the host and back when the stage offloads its input."""
 
 
 @dataclass
@@ -69,7 +72,7 @@ def costs_pass(partition: Partition, params: dict[str, torch.Tensor], buffers: d
                for name, p in params.items()}
     shared = set(partition.shared_params)
     results = []
-    for stage in partition.stages:
+    for index, stage in enumerate(partition.stages):
         stage_inputs = [env[name] for name in stage.inputs]
         args = [weights[p] for p in stage.params] + [meta(buffers[b]) for b in stage.buffers] + stage_inputs
         profile = _MemoryProfile(stage.template.function("meta"))
@@ -82,10 +85,12 @@ def costs_pass(partition: Partition, params: dict[str, torch.Tensor], buffers: d
         grad_bytes = own_bytes  # in the compute dtype until it reaches the host
         saved_inputs = sum(t.nbytes for t in stage_inputs if isinstance(t, torch.Tensor))
         activations = min(saved.bytes, profile.saved_total)
+        offloadable = sum(env[name].nbytes for name in partition.offloadable_inputs(index)
+                          if isinstance(env[name], torch.Tensor))
         results.append(StageCost(
             stage.name, stage.template.name, sum(weights[p].numel() for p in own), own_bytes, grad_bytes,
             saved_inputs, profile.peak_forward, activations + 2 * profile.largest + own_bytes,
-            int(flops.get_total_flops()) + profile.attention_flops, activations))
+            int(flops.get_total_flops()) + profile.attention_flops, activations, offloadable))
 
     output = unflatten_output(resolve_output(partition.output, env))
     loss, how = find_loss(output)
@@ -231,7 +236,7 @@ BATCH, SEQ = sympy.symbols("b s", positive=True, integer=True)
 MONOMIALS = (sympy.Integer(1), BATCH, SEQ, BATCH * SEQ, SEQ**2, BATCH * SEQ**2)
 """Terms a stage's bytes and FLOPs are made of: weights (1), per-sequence tables (s, s^2), per-token
 activations and matmuls (b*s), attention (b*s^2)."""
-SHAPED = ("saved_bytes", "forward_bytes", "backward_bytes", "forward_flops", "activation_bytes")
+SHAPED = ("saved_bytes", "forward_bytes", "backward_bytes", "forward_flops", "activation_bytes", "offload_bytes")
 """StageCost fields that depend on the input shapes; the others (weights, gradients) do not."""
 
 

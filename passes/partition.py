@@ -80,6 +80,15 @@ class Partition:
     chain: str
     """What the blocks are, e.g. 'layers.* (LlamaBlock) x 32' or 'top-level children'."""
 
+    def offloadable_inputs(self, index: int) -> list[str]:
+        """Inputs of stage `index` that no later stage and not the model output read, made by an earlier
+        stage: between its forward and its backward, only its backward needs them (a block's boundary
+        input, but not the rotary tables every block reads)."""
+        later = {name for stage in self.stages[index + 1:] for name in stage.inputs}
+        later |= {leaf for leaf in pytree.tree_leaves(self.output) if isinstance(leaf, ValueName)}
+        return [name for name in self.stages[index].inputs
+                if name not in later and name not in self.graph_inputs]
+
     def summary(self) -> str:
         lines = [f"{len(self.stages)} stages, {len(self.templates)} templates; blocks: {self.chain}"]
         for stage in self.stages:

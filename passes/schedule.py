@@ -7,14 +7,16 @@ A search, every candidate that fits lowered and simulated on the hardware profil
   device all step and the GPU updates them, with no copies and no CPU work; the others stream
   (through a slot in forward and again in backward);
 - each stage's activation policy: *recompute* (only its boundary input stays on the device; its
-  internals are recomputed in its backward) or *keep* (what autograd saves stays on the device from its
-  forward to its backward: no recompute, a quarter less compute for the stage). For a given slot count
-  and resident set, keeping more never makes the simulated step slower, so the search keeps as many as
-  fit, in order of compute saved per byte held;
+  internals are recomputed in its backward), *keep* (what autograd saves stays on the device from its
+  forward to its backward: no recompute, a quarter less compute for the stage) or *offload* (as
+  recompute, but the boundary input goes to host memory on the copy-out lane after the forward and
+  comes back on the copy-in lane ahead of the backward: nothing held on the device in between, at the
+  price of PCIe time the weights share). See _policies;
 - ALLOCATOR_HEADROOM of gpu_mem left unplanned for the caching allocator.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import asdict, dataclass, field
 
 from mtc.config import OPTIMIZER_CHUNK, format_bytes
@@ -69,10 +71,14 @@ class Schedule:
     keep: list[int] = field(default_factory=list)
     """Stages whose activations stay on the device from forward to backward (not recomputed). The last
     stage never recomputes: its forward and backward run back to back."""
+    offload: list[int] = field(default_factory=list)
+    """Stages whose boundary input goes to host memory between their forward and their backward."""
 
     def policy(self, stage: int) -> str:
-        """'keep' or 'recompute': what the stage's backward starts from."""
-        return "keep" if stage in self.keep or stage == len(self.stages) - 1 else "recompute"
+        """'keep', 'recompute' or 'offload': what the stage's backward starts from, and where it waits."""
+        if stage in self.keep or stage == len(self.stages) - 1:
+            return "keep"
+        return "offload" if stage in self.offload else "recompute"
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -105,8 +111,8 @@ def schedule_pass(costs: Costs, gpu_mem: int, clip: bool, slots: int | None = No
     of contiguous streamed runs (every run up to EXHAUSTIVE_STAGES, sampled beyond). A run that ends
     before the output head can beat one that ends at it: with clipping the CPU's updates then keep pace
     with the next forward instead of holding it back at its last stage. Kept activations: see
-    _keep_sets. Ties (within TIE) go to the plan that streams fewest stages, then recomputes fewest, then
-    has more slots. `resident=r` asks for exactly stages [0, r).
+    _policies. Ties (within TIE) go to the plan that streams fewest stages, then offloads fewest, then
+    recomputes fewest, then has more slots. `resident=r` asks for exactly stages [0, r).
     """
     from mtc.codegen.stream_plan import lower, predicted_step_seconds  # the lowering predicts the plan's time
     from mtc.config import H100
@@ -123,42 +129,59 @@ def schedule_pass(costs: Costs, gpu_mem: int, clip: bool, slots: int | None = No
             if key in seen:
                 continue
             seen.add(key)
-            for keep in _keep_sets(costs, gpu_mem, clip, k, kept, budget):
-                plan = fixed_plan(costs, gpu_mem, clip, k, kept, keep)
+            for keep, offload in _policies(costs, gpu_mem, clip, k, kept, budget):
+                plan = fixed_plan(costs, gpu_mem, clip, k, kept, keep, offload)
                 options.append((predicted_step_seconds(lower(plan), profile or H100), count - len(kept),
-                                count - 1 - len(keep), -k, plan))
+                                len(offload), count - 1 - len(keep), -k, plan))
         if resident is not None and options:
             break
     if not options:
-        return fixed_plan(costs, gpu_mem, clip, 1, [], check=True)  # raises, naming the smallest plan's need
+        return smallest_plan(costs, gpu_mem, clip, check=True)  # raises, naming its need
     fastest = min(option[0] for option in options)
-    return min((o for o in options if o[0] <= fastest * (1 + TIE)), key=lambda o: o[1:4])[4]
+    return min((o for o in options if o[0] <= fastest * (1 + TIE)), key=lambda o: o[1:5])[5]
 
 
-KEEP_SUBSET_STAGES = 5
-"""Up to this many stages every set of kept activations is tried; beyond, the longest prefix of
-_keep_order that fits."""
+POLICY_SUBSET_STAGES = 4
+"""Up to this many stages every assignment of keep / recompute / offload is tried; beyond, see _policies."""
 
 
-def _keep_sets(costs: Costs, gpu_mem: int, clip: bool, slots: int, resident: list[int],
-               budget: int) -> list[list[int]]:
-    """The sets of stages keeping their activations worth simulating with these slots and resident stages
-    (none if even recomputing everything does not fit)."""
-    def fits(keep):
-        return fixed_plan(costs, gpu_mem, clip, slots, resident, keep).peak_bytes <= budget
+def _policies(costs: Costs, gpu_mem: int, clip: bool, slots: int, resident: list[int],
+              budget: int) -> list[tuple[list[int], list[int]]]:
+    """(keep, offload) sets worth simulating with these slots and resident stages; the rest recompute.
+
+    On longer chains two families: nothing offloaded, and every stage that is not kept offloaded (as
+    when activations, not weights, fill the device); in each, as many stages keep their activations as
+    fit, in _keep_order (keeping more never makes the simulated step slower, and fitting is monotone:
+    keeping more only adds bytes)."""
+    def fits(keep, offload):
+        return fixed_plan(costs, gpu_mem, clip, slots, resident, keep, offload).peak_bytes <= budget
 
     count = len(costs.stages)
-    if not fits([]):
-        return []
-    if count <= KEEP_SUBSET_STAGES:
-        sets = [[i for i in range(count - 1) if mask >> i & 1] for mask in range(1 << (count - 1))]
-        return [keep for keep in sets if fits(keep)]
+    movable = [i for i in range(count - 1) if costs.stages[i].offload_bytes > 0]
+    if count <= POLICY_SUBSET_STAGES:
+        choices = [("keep", "recompute", "offload") if i in movable else ("keep", "recompute")
+                   for i in range(count - 1)]
+        found = []
+        for assignment in itertools.product(*choices):
+            keep = [i for i, p in enumerate(assignment) if p == "keep"]
+            offload = [i for i, p in enumerate(assignment) if p == "offload"]
+            if fits(keep, offload):
+                found.append((keep, offload))
+        return found
     order = _keep_order(costs.stages)
-    low, high = 0, len(order)  # keeping more only adds memory: the fitting prefixes are [0, n]
-    while low < high:
-        middle = (low + high + 1) // 2
-        low, high = (middle, high) if fits(order[:middle]) else (low, middle - 1)
-    return [sorted(order[:low])]
+    found = []
+    for offloading in (False, True):
+        def family(n):
+            keep = order[:n]
+            return sorted(keep), [i for i in movable if i not in keep] if offloading else []
+        if not fits(*family(0)) or (offloading and not movable):
+            continue
+        low, high = 0, len(order)  # the fitting prefixes are [0, low]
+        while low < high:
+            middle = (low + high + 1) // 2
+            low, high = (middle, high) if fits(*family(middle)) else (low, middle - 1)
+        found.append(family(low))
+    return found
 
 
 def _keep_order(stages: list[StageCost]) -> list[int]:
@@ -196,6 +219,12 @@ def _resident_sets(count: int) -> list[list[int]]:
     return [[i for i in range(count) if not a <= i < b] for a, b in dict.fromkeys(runs)]
 
 
+def smallest_plan(costs: Costs, gpu_mem: int, clip: bool, check: bool = False) -> Schedule:
+    """The plan with the least device memory: one slot, nothing resident, every input that can be offloaded
+    offloaded, the rest recomputed. Any plan fits only if this one does."""
+    return fixed_plan(costs, gpu_mem, clip, 1, [], [], list(range(len(costs.stages) - 1)), check=check)
+
+
 def needed_gpu_mem(peak_bytes: int) -> int:
     """The smallest gpu_mem whose budget holds `peak_bytes`."""
     gpu_mem = -(-peak_bytes * 100 // round(100 * (1 - ALLOCATOR_HEADROOM)))
@@ -205,9 +234,10 @@ def needed_gpu_mem(peak_bytes: int) -> int:
 
 
 def fixed_plan(costs: Costs, gpu_mem: int, clip: bool, slots: int, resident: list[int],
-               keep: list[int] = (), check: bool = False) -> Schedule:
+               keep: list[int] = (), offload: list[int] = (), check: bool = False) -> Schedule:
     """k slots for the streamed stages; the `resident` stages on the device; the `keep` stages' activations
-    held from forward to backward, the others recomputed."""
+    held from forward to backward, the `offload` stages' inputs on the host in between, the others
+    recomputed."""
     stages = costs.stages
     count = len(stages)
     order = ([(i, "forward") for i in range(count - 1)] + [(count - 1, "loss")]
@@ -227,7 +257,8 @@ def fixed_plan(costs: Costs, gpu_mem: int, clip: bool, slots: int, resident: lis
     scratch = 4 * min(OPTIMIZER_CHUNK, max((s.params for s in kept), default=-ALIGN_SLACK) + ALIGN_SLACK)
     resident_bytes = costs.resident_bytes + on_device + scratch
     schedule = Schedule(stages, costs.shared, uses, slots, slot_bytes, resident_bytes, gpu_mem, clip, 0,
-                        sorted(resident), sorted(set(keep) - {count - 1}))
+                        sorted(resident), sorted(set(keep) - {count - 1}),
+                        sorted(i for i in set(offload) - set(keep) - {count - 1} if stages[i].offload_bytes))
     peak, where = peak_memory(schedule)
     schedule.peak_bytes = peak
     budget = int(gpu_mem * (1 - ALLOCATOR_HEADROOM))
@@ -235,22 +266,30 @@ def fixed_plan(costs: Costs, gpu_mem: int, clip: bool, slots: int, resident: lis
         raise MemoryBudgetError(
             f"gpu_mem={format_bytes(gpu_mem)} ({gpu_mem} bytes) is too small: this plan needs "
             f"{format_bytes(peak)} ({peak} bytes) at its peak, in the {where}; that is {slots} weight slots of "
-            f"{format_bytes(slot_bytes)}, {format_bytes(costs.resident_bytes)} resident, the kept boundary "
-            f"activations ({len(schedule.keep)} stages keeping all of theirs) and the stage's working set. With {ALLOCATOR_HEADROOM:.0%} left to the allocator "
-            f"that takes gpu_mem >= {needed_gpu_mem(peak)} bytes; give that or a smaller batch.", schedule)
+            f"{format_bytes(slot_bytes)}, {format_bytes(costs.resident_bytes)} resident, the boundary inputs "
+            f"held on the device ({len(schedule.offload)} stages offload theirs to the host, {len(schedule.keep)} "
+            f"keep all their activations) and the stage's working set. With {ALLOCATOR_HEADROOM:.0%} left to the "
+            f"allocator that takes gpu_mem >= {needed_gpu_mem(peak)} bytes; give that or a smaller batch.", schedule)
     return schedule
 
 
 def held_bytes(schedule: Schedule, stage: int) -> int:
-    """Bytes a stage's forward leaves on the device for its backward."""
+    """Bytes a stage's forward leaves on the device for its backward (an offloading stage's leave once
+    their copy to the host is done)."""
     cost = schedule.stages[stage]
     return cost.saved_bytes + (cost.activation_bytes if schedule.policy(stage) == "keep" else 0)
 
 
 def backward_work_bytes(schedule: Schedule, stage: int) -> int:
-    """Transient bytes of a stage's backward: a recompute rebuilds its activations first."""
+    """Transient bytes of a stage's backward: a recompute rebuilds its activations first; an offloading
+    stage's input is back on the device, and so is the next backward's, fetched while this one runs."""
     cost = schedule.stages[stage]
-    return cost.backward_bytes - (cost.activation_bytes if stage in schedule.keep else 0)
+    work = cost.backward_bytes - (cost.activation_bytes if stage in schedule.keep else 0)
+    if stage in schedule.offload:
+        work += cost.saved_bytes
+    if stage - 1 in schedule.offload:
+        work += schedule.stages[stage - 1].saved_bytes
+    return work
 
 
 def peak_memory(schedule: Schedule) -> tuple[int, str]:
@@ -270,8 +309,10 @@ def peak_memory(schedule: Schedule) -> tuple[int, str]:
                 grads_in_flight = grads_in_flight[-1:] + [schedule.slot_bytes]
             own_input = stage.saved_bytes if use.phase == "loss" else 0  # the loss stage keeps nothing
             now = static + kept + own_input + backward_work_bytes(schedule, use.stage) + sum(grads_in_flight)
-            if use.phase == "backward":
+            if use.phase == "backward" and use.stage not in schedule.offload:
                 kept -= held_bytes(schedule, use.stage)
+        if use.phase != "backward" and use.stage - 1 in schedule.offload:
+            kept -= held_bytes(schedule, use.stage - 1)  # its copy to the host is done by now
         if now > peak:
             peak, where = now, f"{use.phase} of {stage.name}"
     return peak, where

@@ -155,11 +155,35 @@ def _check_order(plan: StreamPlan, before, problems):
     if actual != expected:
         problems.append(f"4: compute order is {_describe(plan, actual)}, expected {_describe(plan, expected)}")
     forwards = {i.stage: i for i in computes if i.op == "forward"}
+    offloaded = set(plan.schedule.offload)
     for backward in (i for i in computes if i.op == "backward"):
         forward = forwards.get(backward.stage)
-        if forward is None or forward.id not in backward.releases or not _ordered(before, forward.id, backward.id):
+        if backward.stage in offloaded:
+            _check_offload(plan, before, forward, backward, problems)
+        elif forward is None or forward.id not in backward.releases or not _ordered(before, forward.id, backward.id):
             problems.append(f"5: backward of {plan.stage_name(backward.stage)} does not consume the input its "
                             f"forward kept")
+
+
+def _check_offload(plan: StreamPlan, before, forward, backward, problems):
+    """5 for an offloading stage: its input copied to the host after its forward, its device copy freed
+    only after that copy, and copied back before its backward."""
+    name = plan.stage_name(backward.stage)
+    mine = [i for i in plan.instrs if i.stage == backward.stage]
+    offloads = [i for i in mine if i.op == "offload"]
+    frees = [i for i in mine if i.op == "free_input"]
+    fetches = [i for i in mine if i.op == "fetch"]
+    if len(offloads) != 1 or len(frees) != 1 or len(fetches) != 1 or forward is None:
+        problems.append(f"5: {name} offloads its input but has {len(offloads)} offloads, {len(frees)} frees and "
+                        f"{len(fetches)} fetches, not one each")
+        return
+    offload, free, fetch = offloads[0], frees[0], fetches[0]
+    if not _ordered(before, forward.id, offload.id):
+        problems.append(f"5: {name}'s input may be offloaded before its forward completes")
+    if forward.id not in free.releases or not _ordered(before, offload.id, free.id):
+        problems.append(f"5: {name}'s input may be freed on the device before its copy to the host completes")
+    if not (_ordered(before, offload.id, fetch.id) and _ordered(before, fetch.id, backward.id)):
+        problems.append(f"5: backward of {name} may start before its input is back from the host")
 
 
 def _check_gradients(plan: StreamPlan, before, problems):

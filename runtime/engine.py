@@ -30,7 +30,7 @@ from mtc.passes.partition import Partition, resolve_output
 
 from . import templates
 from .optimizer import adamw_step, clip_coefficient, parameter_norms, scratch_for
-from .store import Group, StateStore
+from .store import Group, StateStore, pin_in_place
 
 
 def default_cpu_threads() -> int:
@@ -128,6 +128,10 @@ class Engine:
         """The last clip's (global norm, coefficient), for the host optimizer and last_grad_norm."""
         self.clip_coef = None
         """The last clip's coefficient on the device, for the device updates."""
+        self.offloaded = {i: partition.offloadable_inputs(i) for i in plan.schedule.offload}
+        """Stage -> the inputs it sends to the host between its forward and its backward."""
+        self.host_inputs: dict[tuple[int, str], torch.Tensor] = {}
+        """(stage, input) -> its host buffer (pinned on a GPU), made by the first step."""
         self.step_index = 0
         self.host_wait_seconds = 0.0
         """Time the issuing thread has spent waiting for host updates before copy-ins."""
@@ -230,6 +234,38 @@ class Engine:
 
     def _free_grad(self, instr):
         self.grad_pool.append(self.grad_of.pop(instr.stage))
+
+    # -- offloaded inputs ---------------------------------------------------------------------------
+    def _offload(self, instr):
+        for name in self.offloaded[instr.stage]:
+            value = self.values[name]
+            host = self.host_inputs.get((instr.stage, name))
+            if host is None:
+                host = self.host_inputs[instr.stage, name] = torch.empty(value.shape, dtype=value.dtype)
+                if self.cuda:
+                    pin_in_place(host)
+            host.copy_(value, non_blocking=True)
+            if self.cuda:  # freed by the compute stream while this copy may still read it
+                value.record_stream(self._stream(instr.stream))
+
+    def _free_input(self, instr):
+        """Drop the device copies of an offloaded input (the allocator reuses them after the copy)."""
+        stage = self.partition.stages[instr.stage]
+        kept = self.kept[instr.stage]
+        for name in self.offloaded[instr.stage]:
+            del self.values[name]
+            kept.inputs[stage.inputs.index(name)] = None
+
+    def _fetch(self, instr):
+        stage = self.partition.stages[instr.stage]
+        kept = self.kept[instr.stage]
+        for name in self.offloaded[instr.stage]:
+            host = self.host_inputs[instr.stage, name]
+            value = torch.empty(host.shape, dtype=host.dtype, device=self.device)
+            value.copy_(host, non_blocking=True)
+            if self.cuda:  # made on the copy-in stream, read and freed on the compute stream
+                value.record_stream(self.compute)
+            kept.inputs[stage.inputs.index(name)] = value
 
     # -- compute ------------------------------------------------------------------------------------
     def _weights(self, instr) -> list[torch.Tensor]:

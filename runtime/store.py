@@ -177,7 +177,7 @@ def planned_host_bytes(schedule, compute_dtype: torch.dtype, device: torch.devic
                 for index, stage in enumerate(schedule.stages))
     if schedule.shared:
         total += Group.host_bytes(schedule.shared.params, compute_dtype, SHARED, device)
-    return total
+    return total + sum(schedule.stages[i].offload_bytes for i in schedule.offload)  # offloaded inputs
 
 
 class StateStore:

@@ -44,6 +44,27 @@ def test_streamed_training_equals_eager(name, clip):
         assert step.last_grad_norm > clip  # clipping really scaled the gradients
 
 
+def _offload_everything(monkeypatch):
+    """Plans whose every stage that can offloads its input (nothing kept, whatever else fits)."""
+    def policies(costs, gpu_mem, clip, slots, resident, budget):
+        offload = [i for i in range(len(costs.stages) - 1) if costs.stages[i].offload_bytes]
+        fits = schedule.fixed_plan(costs, gpu_mem, clip, slots, resident, [], offload).peak_bytes <= budget
+        return [([], offload)] if fits else []
+    monkeypatch.setattr(schedule, "_policies", policies)
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_offloaded_inputs_train_exactly(name, monkeypatch):
+    _offload_everything(monkeypatch)
+    torch.manual_seed(0)
+    model = llama() if name == "llama" else gpt2(dropout=0.2)  # dropout: the replay after a fetch
+    step, reference, losses, reference_losses = run_both(model, "15MB", clip=1.0)
+    offloaded = step.plan.schedule.offload
+    assert len(offloaded) == len(step.plan.schedule.stages) - 2  # every block; the loss stage never
+    assert step.plan.schedule.keep == []
+    assert_same_training(step, reference, losses, reference_losses)
+
+
 def test_replanning_moves_the_state_and_training_goes_on_exactly():
     """The spine plan (all streamed, all recomputed), then a plan keeping some stages resident and some
     activations, then all streamed again: the same training as eager throughout."""
@@ -81,8 +102,10 @@ def test_tied_embedding_is_one_parameter_updated_once():
 def test_dropout_draws_the_same_masks_as_eager(policy, monkeypatch):
     """keep: one forward, the mask recorded; recompute: the replay must draw the same mask again."""
     if policy == "recompute":
-        found = schedule._keep_sets
-        monkeypatch.setattr(schedule, "_keep_sets", lambda *args: [[]] if found(*args) else [])
+        def recompute_all(costs, gpu_mem, clip, slots, resident, budget):
+            fits = schedule.fixed_plan(costs, gpu_mem, clip, slots, resident).peak_bytes <= budget
+            return [([], [])] if fits else []
+        monkeypatch.setattr(schedule, "_policies", recompute_all)
     torch.manual_seed(0)
     step, reference, losses, reference_losses = run_both(gpt2(dropout=0.2), "5.5MB")
     assert (step.plan.schedule.keep == []) == (policy == "recompute")

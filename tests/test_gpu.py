@@ -12,12 +12,14 @@ from models import llama, tokens
 pytestmark = pytest.mark.gpu
 
 
-@pytest.mark.parametrize("policy", ["solved", "stream and keep all", "stream and recompute all"])
+@pytest.mark.parametrize("policy", ["solved", "keep", "recompute", "offload"])
 def test_fp32_on_the_gpu_matches_eager_on_the_gpu(policy, monkeypatch):
-    if policy != "solved":  # every stage through two slots; activations kept (read back from the slots) or not
+    if policy != "solved":  # every stage streamed through the slots; every activation kept (read back from
+        # the slots), recomputed, or its input offloaded to the host and fetched back
         monkeypatch.setattr(schedule, "_resident_sets", lambda count: [[]])
-        monkeypatch.setattr(schedule, "_keep_sets", lambda costs, *args: [
-            list(range(len(costs.stages) - 1)) if policy.endswith("keep all") else []])
+        monkeypatch.setattr(schedule, "_policies", lambda costs, *args: [(
+            list(range(len(costs.stages) - 1)) if policy == "keep" else [],
+            list(range(len(costs.stages) - 1)) if policy == "offload" else [])])
     torch.manual_seed(0)
     model = llama()
     reference = copy.deepcopy(model).cuda()
@@ -25,8 +27,9 @@ def test_fp32_on_the_gpu_matches_eager_on_the_gpu(policy, monkeypatch):
     step = mtc.compile(model, gpu_mem="3.5MB" if policy == "solved" else "1GB", example=tokens(), optimizer=hp,
                        clip_grad_norm=1.0, device="cuda", compute_dtype=torch.float32)
     if policy != "solved":
-        assert step.plan.schedule.resident == [] and len(step.plan.schedule.keep) == (
-            len(step.plan.schedule.stages) - 1 if policy.endswith("keep all") else 0)
+        stages = len(step.plan.schedule.stages)
+        assert step.plan.schedule.resident == [] and [step.plan.schedule.policy(i) for i in range(1, stages - 1)] == \
+            [policy] * (stages - 2)  # the blocks (the prologue's input is the token ids: nothing to offload)
     optimizer = torch.optim.AdamW(reference.parameters(), lr=hp.lr, betas=hp.betas, weight_decay=hp.weight_decay,
                                   fused=True)
     for seed in range(3):

@@ -20,10 +20,12 @@ KiB = 1024
 def stage_costs(draw, name):
     params = draw(st.integers(0, 4096))
     activations = draw(st.integers(0, 192 * KiB))
+    saved = draw(st.integers(0, 64 * KiB))
     return StageCost(name, "T", params, weight_bytes=2 * params, grad_bytes=4 * params,
-                     saved_bytes=draw(st.integers(0, 64 * KiB)), forward_bytes=draw(st.integers(0, 64 * KiB)),
+                     saved_bytes=saved, forward_bytes=draw(st.integers(0, 64 * KiB)),
                      backward_bytes=activations + draw(st.integers(0, 64 * KiB)),
-                     forward_flops=draw(st.integers(0, 10**9)), activation_bytes=activations)
+                     forward_flops=draw(st.integers(0, 10**9)), activation_bytes=activations,
+                     offload_bytes=draw(st.integers(0, saved)))
 
 
 @st.composite
@@ -107,6 +109,7 @@ def test_resident_stages_are_chosen_to_make_the_step_no_slower(costs, gpu_mem, c
 def test_with_room_for_everything_nothing_is_recomputed(costs, clip):
     schedule = schedule_pass(costs, 1 << 40, clip)
     assert [schedule.policy(i) for i in range(len(costs.stages))] == ["keep"] * len(costs.stages)
+    assert not [i for i in lower(schedule).instrs if i.op in ("offload", "fetch")]
     assert all(i.op != "backward" or i.work_bytes == costs.stages[i.stage].backward_bytes
                - costs.stages[i.stage].activation_bytes for i in lower(schedule).instrs)
 
@@ -232,18 +235,22 @@ def test_a_long_chain_gets_a_valid_plan_no_slower_than_streaming_everything(clip
 @settings(max_examples=40, deadline=None)
 @given(costs=chains(), gpu_mem=st.integers(1, 4 << 20), clip=st.booleans())
 def test_on_short_chains_the_scheduler_matches_a_brute_force_search(costs, gpu_mem, clip):
-    """Chains of up to 4 blocks and an output head (5 stages): every slot count, every resident set and
-    every set of stages keeping their activations, simulated."""
+    """Chains of up to 4 stages: every slot count, every resident set and every stage's activation policy
+    (keep, recompute, or offload where it has an input to offload), simulated."""
     count = len(costs.stages)
-    if count > 5:
+    if count > 4:
         return
     budget = int(gpu_mem * (1 - ALLOCATOR_HEADROOM))
     times = []
     subsets = lambda items: [list(c) for n in range(len(items) + 1) for c in itertools.combinations(items, n)]  # noqa: E731
+    policies = itertools.product(*[("keep", "recompute", "offload") for _ in range(count - 1)])
+    policies = [p for p in policies if all(costs.stages[i].offload_bytes or x != "offload" for i, x in enumerate(p))]
     for slots in range(1, 5):
         for kept in subsets(range(count)):
-            for keep in subsets(range(count - 1)):
-                schedule = fixed_plan(costs, gpu_mem, clip, min(slots, count), kept, keep)
+            for policy in policies:
+                keep = [i for i, p in enumerate(policy) if p == "keep"]
+                offload = [i for i, p in enumerate(policy) if p == "offload"]
+                schedule = fixed_plan(costs, gpu_mem, clip, min(slots, count), kept, keep, offload)
                 if schedule.peak_bytes <= budget:
                     times.append(predicted_step_seconds(lower(schedule), H100))
     try:
@@ -264,3 +271,34 @@ def test_more_gpu_memory_never_predicts_a_slower_step(costs, gpu_mem, clip, more
         return
     roomy = predicted_step_seconds(lower(schedule_pass(costs, int(gpu_mem * more), clip)), H100)
     assert roomy <= tight * (1 + TIE) * (1 + 1e-12)
+
+
+def _activation_heavy(count=8):
+    """Stages whose inputs, not weights, fill the device."""
+    stages = [StageCost(f"stage{i}", "T", 1000, 2000, 2000, 10**6, 10**5, 2 * 10**6, 10**9,
+                        activation_bytes=10**6, offload_bytes=10**6) for i in range(count)]
+    return Costs(stages, 0, None, {}, ("tensor",))
+
+
+def test_when_the_inputs_do_not_fit_the_plan_offloads_them():
+    costs = _activation_heavy()
+    everything_held = fixed_plan(costs, 1 << 40, False, 1, [], [])
+    gpu_mem = int(everything_held.peak_bytes / (1 - ALLOCATOR_HEADROOM)) - 2 * 10**6  # one input too many
+    schedule = schedule_pass(costs, gpu_mem, False)
+    assert schedule.offload and schedule.peak_bytes <= gpu_mem * (1 - ALLOCATOR_HEADROOM)
+    plan = lower(schedule)
+    validate(plan, H100)
+    for stage in schedule.offload:
+        fetch, offload = _first(plan, "fetch", stage), _first(plan, "offload", stage)
+        assert fetch.bytes == offload.bytes == costs.stages[stage].offload_bytes and offload.id in fetch.waits
+
+
+def test_an_input_freed_before_its_copy_to_the_host_is_rejected():
+    costs = _activation_heavy()
+    plan = lower(fixed_plan(costs, 1 << 40, False, 2, [], [], offload=[2, 3]))
+    validate(plan)
+    _first(plan, "free_input", 2).waits.clear()
+    assert any("freed on the device before its copy to the host" in p for p in _problems(plan))
+    plan = lower(fixed_plan(costs, 1 << 40, False, 2, [], [], offload=[2, 3]))
+    _first(plan, "fetch", 3).stage = 4  # stage 3's input never comes back
+    assert any("stage3 offloads its input but has 1 offloads, 1 frees and 0 fetches" in p for p in _problems(plan))
