@@ -93,8 +93,9 @@ def sweep(preset: str, batches: list[tuple[int, int]], budgets: list[str], sched
     """Measured against predicted, for every batch x gpu_mem x schedule, on one state store (built once;
     each row replans it). Each row is held to its gpu_mem like run().
 
-    calibrate: first run the spine plan (every lane busy) at the first batch and budget, and plan every
-    row with the rates its steps showed (see _calibrated) instead of the machine's probed profile."""
+    calibrate: first run the spine plan (every lane busy) at the first batch and the largest budget, and
+    plan every row with the rates its steps showed (see _calibrated) instead of the machine's probed
+    profile."""
     if not torch.cuda.is_available():
         raise RuntimeError("mtc bench measures a GPU and torch sees none")
     device = torch.device("cuda", torch.cuda.current_device())
@@ -107,8 +108,9 @@ def sweep(preset: str, batches: list[tuple[int, int]], budgets: list[str], sched
         sequences, seq = batches[0]
         example = tuple(torch.randint(0, models.PRESETS[preset].vocab_size, (sequences, seq)).to(device)
                         for _ in range(2))
-        torch.cuda.set_per_process_memory_fraction(min(1.0, parse_bytes(budgets[0], "gpu_mem") / total), device)
-        step = mtc.compile(model, gpu_mem=budgets[0], example=example, clip_grad_norm=clip, device=device,
+        largest = max(budgets, key=lambda b: parse_bytes(b, "gpu_mem"))
+        torch.cuda.set_per_process_memory_fraction(min(1.0, parse_bytes(largest, "gpu_mem") / total), device)
+        step = mtc.compile(model, gpu_mem=largest, example=example, clip_grad_norm=clip, device=device,
                            init=models.init_weights, cpu_threads=cpu_threads, optimizer=mtc.AdamW(lr=1e-4),
                            schedule="spine")
         profile, calibration = _calibrated(step, [example, example], warmup)
