@@ -137,6 +137,7 @@ def sweep(preset: str, batches: list[tuple[int, int]], budgets: list[str], sched
                     continue
                 planned = step.plan.schedule
                 row.update(slots=planned.slots, resident=len(planned.resident), kept=len(planned.keep),
+                           offloaded=len(planned.offload),
                            stages=len(planned.stages), predicted_step_s=step.plan.predicted_step_seconds(),
                            predicted_peak_bytes=planned.peak_bytes)
                 try:
