@@ -16,7 +16,6 @@ What is counted (printed with the results too):
 """
 from __future__ import annotations
 
-import dataclasses
 import gc
 import json
 import resource
@@ -30,7 +29,8 @@ from mtc.codegen.stream_plan import STREAMS, duration
 from mtc.config import format_bytes, parse_bytes
 from mtc.examples import models
 from mtc.passes.schedule import MemoryBudgetError
-from mtc.probe import copy_rates
+from mtc import probe
+from mtc.probe import copy_rates, lane_seconds
 
 GB = 1e9
 
@@ -94,7 +94,7 @@ def sweep(preset: str, batches: list[tuple[int, int]], budgets: list[str], sched
     each row replans it). Each row is held to its gpu_mem like run().
 
     calibrate: first run the spine plan (every lane busy) at the first batch and the largest budget, and
-    plan every row with the rates its steps showed (see _calibrated) instead of the machine's probed
+    plan every row with the rates its steps showed (see mtc.probe.calibrate) instead of the machine's probed
     profile."""
     if not torch.cuda.is_available():
         raise RuntimeError("mtc bench measures a GPU and torch sees none")
@@ -113,7 +113,7 @@ def sweep(preset: str, batches: list[tuple[int, int]], budgets: list[str], sched
         step = mtc.compile(model, gpu_mem=largest, example=example, clip_grad_norm=clip, device=device,
                            init=models.init_weights, cpu_threads=cpu_threads, optimizer=mtc.AdamW(lr=1e-4),
                            schedule="spine")
-        profile, calibration = _calibrated(step, [example, example], warmup)
+        profile, calibration = probe.calibrate(step, [example, example], warmup)
         progress(calibration)
     for sequences, seq in batches:
         inputs = [tuple(torch.randint(0, models.PRESETS[preset].vocab_size, (sequences, seq), generator=generator)
@@ -147,7 +147,7 @@ def sweep(preset: str, batches: list[tuple[int, int]], budgets: list[str], sched
                     row["out_of_memory"] = str(error).splitlines()[0]
                     step.synchronize()
                 else:
-                    row["busy_s"] = _lane_seconds(step, inputs)
+                    row["busy_s"] = lane_seconds(step, inputs)
                     row["predicted_busy_s"] = {stream: sum(duration(step.plan.stream_plan, i, step.plan.profile)
                                                            for i in step.plan.stream_plan.on(stream))
                                                for stream in STREAMS}
@@ -158,39 +158,6 @@ def sweep(preset: str, batches: list[tuple[int, int]], budgets: list[str], sched
                 progress(row)
     torch.cuda.set_per_process_memory_fraction(1.0, device)
     return {"calibration": calibration, "rows": rows}
-
-
-def _calibrated(step, inputs, warmup: int):
-    """The step's profile with each lane's rate scaled by predicted / measured busy time in a traced step:
-    the rates this model's kernels and this host's optimizer reach inside a step, with everything else
-    running beside them (the probe measures them one or two at a time). The device AdamW rate is kept:
-    the spine plan updates nothing on the device."""
-    for index in range(warmup + 1):
-        step(*inputs[index % 2])
-    step.synchronize()
-    measured = _lane_seconds(step, inputs)
-    plan, profile = step.plan.stream_plan, step.plan.profile
-    predicted = {stream: sum(duration(plan, i, profile) for i in plan.on(stream)) for stream in STREAMS}
-    rate = {"h2d": "h2d_bytes_per_s", "d2h": "d2h_bytes_per_s", "compute": "flops_per_s",
-            "cpu": "optimizer_params_per_s"}
-    scaled = {field: getattr(profile, field) * predicted[lane] / measured[lane]
-              for lane, field in rate.items() if measured[lane] > 0 and predicted[lane] > 0}
-    calibrated = dataclasses.replace(profile, name=f"{profile.name}, calibrated in-step", **scaled,
-                                     source=f"{profile.source}; lane rates from a traced spine step of this model")
-    return calibrated, {"probed": profile.to_json(), "calibrated": calibrated.to_json(),
-                        "measured_busy_s": measured, "predicted_busy_s": predicted}
-
-
-def _lane_seconds(step, inputs) -> dict:
-    """Busy seconds per stream in the second of two traced steps."""
-    engine = step._engine
-    engine.start_trace()
-    for index in range(2):
-        step(*inputs[index])
-    rows = engine.stop_trace()
-    last = max(r[0] for r in rows)
-    return {stream: sum(end - start for s, instr, start, end in rows if s == last and instr.stream == stream)
-            for stream in STREAMS}
 
 
 def sweep_table(rows: list[dict]) -> str:

@@ -50,6 +50,10 @@ def main(argv=None) -> int:
     probe.add_argument("--quick", action="store_true", help="small sizes: seconds instead of a minute, rougher")
     probe.add_argument("--cpu-threads", type=int, default=None,
                        help="threads for the CPU optimizer (default: all cores but two)")
+    probe.add_argument("--calibrate", metavar="PRESET", default=None,
+                       help="then train PRESET's spine plan a few steps (GPU) and save the rates its step showed")
+    probe.add_argument("--batch", default="2x4096", help="batch for --calibrate (default 2x4096)")
+    probe.add_argument("--gpu-mem", default="80GB", help="gpu_mem for --calibrate (default 80GB)")
 
     show = commands.add_parser("show", help="print a saved plan")
     show.add_argument("path")
@@ -64,6 +68,8 @@ def main(argv=None) -> int:
     bench.add_argument("--json", metavar="PATH", help="write every figure as JSON")
     bench.add_argument("--cpu-threads", type=int, default=None,
                        help="threads for the CPU optimizer (default: all cores but two)")
+    bench.add_argument("--no-calibrate", action="store_true",
+                       help="with --schedule: plan the rows on the saved profile, without first timing the spine plan")
     bench.add_argument("--schedule", default=None, metavar="solve,spine",
                        help="measured against predicted: --batch and --gpu-mem may then list several values "
                             "(comma-separated), and every combination runs on one state store")
@@ -254,7 +260,8 @@ def _bench_sweep(args, bench) -> int:
         raise ValueError("--vs and --trace time one configuration; leave out --schedule and the lists")
     result = bench.sweep(args.preset, [_batch(b) for b in args.batch.split(",")], budgets, schedules,
                          steps=args.steps, warmup=args.warmup, clip=args.clip or None,
-                         cpu_threads=args.cpu_threads, progress=lambda row: print(json.dumps(row), flush=True))
+                         cpu_threads=args.cpu_threads, progress=lambda row: print(json.dumps(row), flush=True),
+                         calibrate=not args.no_calibrate)
     print(bench.sweep_table(result["rows"]))
     if args.json:
         with open(args.json, "w") as f:
@@ -270,7 +277,15 @@ def _probe(args) -> int:
         raise ValueError(f"--cpu-threads={args.cpu_threads} is not valid; expected an integer >= 1")
     device = _device(args.device)
     print(f"mtc probe: measuring {probe.device_name(device)}{' (quick)' if args.quick else ''}...", flush=True)
+    if args.calibrate and args.calibrate not in models.PRESETS:
+        raise ValueError(f"--calibrate={args.calibrate!r} is not a preset; expected one of {', '.join(models.PRESETS)}")
+    if args.calibrate and device.type != "cuda":
+        raise ValueError("--calibrate times a step on the GPU and the device is the CPU")
     profile = probe.probe(device, cpu_threads=args.cpu_threads, quick=args.quick)
+    if args.calibrate:
+        print(f"mtc probe: calibrating on {args.calibrate} {args.batch}...", flush=True)
+        profile, _ = probe.calibrated_on(args.calibrate, _batch(args.batch), args.gpu_mem, device, profile,
+                                         args.cpu_threads)
     path = args.save or probe.profile_path(probe.device_name(device))
     probe.save(profile, path)
     print(f"copy in {profile.h2d_bytes_per_s / 1e9:.1f} GB/s, copy out {profile.d2h_bytes_per_s / 1e9:.1f} GB/s "

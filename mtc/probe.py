@@ -1,13 +1,15 @@
 """probe: measure this machine's rates into a HardwareProfile, save it, and find the profile a plan uses.
 
-`mtc probe` measures what the planner simulates: pinned copy rates one way and both ways, a bf16 GEMM
-at a block's shape, AdamW on the host (alone, and while copies run both ways: host memory bandwidth is
-shared) and on the device, and host RAM. The profile goes to ~/.cache/mtc/profile-<device>.json (or
-$MTC_PROFILE), where mtc.compile and `mtc plan` find it; without one they use the shipped profile
-for the device's name.
+`mtc probe` measures what the planner simulates: pinned copy rates each way (alone and beside the host
+AdamW), a decoder block's forward and backward, AdamW on the host (alone, and beside copies running as
+they do in a step: host memory bandwidth is shared) and on the device, and host RAM. `--calibrate
+PRESET` then runs a real step of that model and scales each rate to what the step showed (calibrate).
+The profile goes to ~/.cache/mtc/profile-<device>.json (or $MTC_PROFILE), where mtc.compile and
+`mtc plan` find it; without one they use the shipped profile for the device's name.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -127,6 +129,60 @@ def probe(device: torch.device, cpu_threads: int | None = None, quick: bool = Fa
         f"probed {name}", host_bytes=host_meminfo("MemTotal") or 0, **rates,
         source=f"mtc probe{' --quick' if quick else ''} on {name}, {os.cpu_count()} cores, {threads} optimizer threads, "
                f"{time.strftime('%Y-%m-%d')}; {detail}")
+
+
+def calibrate(step, inputs: list, warmup: int = 1) -> tuple[HardwareProfile, dict]:
+    """The step's profile with each lane's rate scaled by predicted / measured busy time in a traced step:
+    the rates this model's kernels and this host's optimizer reach inside a step, with everything else
+    running beside them (the probe measures them one or two at a time; on the H100 and H200 machines of
+    BENCHMARKS.md the host AdamW reached 0.7-0.85 of its probed rate inside a step). The device AdamW rate
+    is kept unless the plan updates stages on the device. Returns the profile and what it rests on."""
+    from mtc.codegen.stream_plan import STREAMS, duration
+
+    for index in range(warmup + 1):
+        step(*inputs[index % len(inputs)])
+    step.synchronize()
+    measured = lane_seconds(step, inputs)
+    plan, profile = step.plan.stream_plan, step.plan.profile
+    predicted = {stream: sum(duration(plan, i, profile) for i in plan.on(stream)) for stream in STREAMS}
+    rate = {"h2d": "h2d_bytes_per_s", "d2h": "d2h_bytes_per_s", "compute": "flops_per_s",
+            "cpu": "optimizer_params_per_s"}
+    scaled = {field: getattr(profile, field) * predicted[lane] / measured[lane]
+              for lane, field in rate.items() if measured[lane] > 0 and predicted[lane] > 0}
+    calibrated = dataclasses.replace(profile, name=f"{profile.name}, calibrated in-step", **scaled,
+                                     source=f"{profile.source}; lane rates scaled to a traced step of "
+                                            f"{step.plan.header['model']} ({', '.join(step.plan.header['inputs'])})")
+    return calibrated, {"probed": profile.to_json(), "calibrated": calibrated.to_json(),
+                        "measured_busy_s": measured, "predicted_busy_s": predicted}
+
+
+def lane_seconds(step, inputs: list) -> dict:
+    """Busy seconds per stream in the second of two traced steps."""
+    from mtc.codegen.stream_plan import STREAMS
+
+    engine = step._engine
+    engine.start_trace()
+    for index in range(2):
+        step(*inputs[index % len(inputs)])
+    rows = engine.stop_trace()
+    last = max(r[0] for r in rows)
+    return {stream: sum(end - start for s, instr, start, end in rows if s == last and instr.stream == stream)
+            for stream in STREAMS}
+
+
+def calibrated_on(preset: str, batch: tuple[int, int], gpu_mem: str, device: torch.device,
+                  profile: HardwareProfile, cpu_threads: int | None = None) -> tuple[HardwareProfile, dict]:
+    """calibrate() on the spine plan (every lane busy) of an example preset built on the meta device."""
+    import mtc
+    from mtc.examples import models
+
+    model = models.build(preset, device="meta")
+    generator = torch.Generator().manual_seed(0)
+    inputs = [tuple(torch.randint(0, models.PRESETS[preset].vocab_size, batch, generator=generator).to(device)
+                    for _ in range(2)) for _ in range(2)]
+    step = mtc.compile(model, gpu_mem=gpu_mem, example=inputs[0], clip_grad_norm=1.0, device=device,
+                       init=models.init_weights, cpu_threads=cpu_threads, profile=profile, schedule="spine")
+    return calibrate(step, inputs)
 
 
 def _best_seconds(work, repeats: int = 3, synchronize=lambda: None) -> float:

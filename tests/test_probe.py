@@ -74,3 +74,27 @@ def test_a_state_larger_than_host_memory_is_refused_before_anything_is_built(cap
                  "--host-mem", "1.5TB"]) == 2
     error = capsys.readouterr().err
     assert "host_mem=1396.98 GiB is too small: the training state needs" in error and "use a host with" in error
+
+
+def test_calibration_scales_each_lane_to_what_the_step_measured():
+    """With the calibrated rates, the plan predicts each lane's busy time as the traced step measured it."""
+    from mtc.codegen.stream_plan import STREAMS, duration
+
+    torch.manual_seed(0)
+    step = mtc.compile(llama(), gpu_mem="3.5MB", example=tokens(), device="cpu", profile="cpu", schedule="spine")
+    calibrated, report = probe.calibrate(step, [tokens(seed=1), tokens(seed=2)])
+    plan = step.plan.stream_plan
+    for lane, field in (("compute", "flops_per_s"), ("cpu", "optimizer_params_per_s"), ("h2d", "h2d_bytes_per_s")):
+        again = sum(duration(plan, i, calibrated) for i in plan.on(lane))
+        assert again == pytest.approx(report["measured_busy_s"][lane], rel=1e-9)
+        assert getattr(calibrated, field) != getattr(step.plan.profile, field)
+    assert set(report["measured_busy_s"]) == set(STREAMS) and "calibrated in-step" in calibrated.name
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--calibrate", "nope"], "--calibrate='nope' is not a preset"),
+    (["--calibrate", "tiny"], "--calibrate times a step on the GPU"),
+])
+def test_calibration_is_refused_by_name(argv, message, capsys):
+    assert main(["probe", "--quick", "--device", "cpu"] + argv) == 2
+    assert message in capsys.readouterr().err
