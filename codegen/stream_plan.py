@@ -241,13 +241,17 @@ def predicted_step_seconds(plan: StreamPlan, profile: HardwareProfile) -> float:
     return max(e for _, e in timeline[2]) - max(e for _, e in timeline[1])
 
 
-def lower_bound_seconds(plan: StreamPlan, profile: HardwareProfile) -> float:
-    """No plan beats its busiest resource: max(compute, copy-in, copy-out, CPU optimizer)."""
+def busy_seconds(plan: StreamPlan, profile: HardwareProfile) -> dict[str, float]:
+    """Predicted seconds of work on each stream in one step."""
     busy = {stream: 0.0 for stream in STREAMS}
     for instr in plan.instrs:
         busy[instr.stream] += duration(plan, instr, profile)
-    return max(busy.values())
+    return busy
 
+
+def lower_bound_seconds(plan: StreamPlan, profile: HardwareProfile) -> float:
+    """No plan beats its busiest resource: max(compute, copy-in, copy-out, CPU optimizer)."""
+    return max(busy_seconds(plan, profile).values())
 
 
 def chrome_trace(plan: StreamPlan, profile: HardwareProfile) -> dict:

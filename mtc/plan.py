@@ -6,7 +6,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 
-from mtc.codegen.stream_plan import SHARED, StreamPlan, duration, lower_bound_seconds, predicted_step_seconds
+from mtc.codegen.stream_plan import SHARED, StreamPlan, busy_seconds, duration, predicted_step_seconds
 from mtc.config import HardwareProfile, format_bytes
 from mtc.runtime.store import FIXED_HOST_BYTES
 
@@ -60,6 +60,8 @@ class Plan:
         profile = self.profile
         stages = schedule.stages + ([schedule.shared] if schedule.shared else [])
         params = sum(s.params for s in stages)
+        busy = busy_seconds(self.stream_plan, profile)
+        bound = max(busy.values())
         lines = [
             f"mtc plan · {h['model']} · traced by {h['tracer']} · {h['device']} {h['compute_dtype']} · "
             f"gpu_mem {format_bytes(schedule.gpu_mem)}",
@@ -85,8 +87,10 @@ class Plan:
             + f", plus the process (about {format_bytes(FIXED_HOST_BYTES)})",
             f"predicted TFLOP/s: {3 * sum(s.forward_flops for s in stages) / self.predicted_step_seconds() / 1e12:.0f} "
             f"(forward and backward FLOPs counted, recompute not)",
+            "busy per lane: " + ", ".join(f"{lane} {seconds:.4g} s" for lane, seconds in busy.items())
+            + f"; predicted / lower bound: {self.predicted_step_seconds() / max(bound, 1e-12):.2f}",
             f"predicted step: {self.predicted_step_seconds():.4g} s",
-            f"lower bound: {lower_bound_seconds(self.stream_plan, profile):.4g} s",
+            f"lower bound: {bound:.4g} s",
         ]
         return "\n".join(lines)
 
