@@ -184,7 +184,8 @@ class Step:
         """A step for another budget or batch shape that trains the same state: the model is traced and
         planned again (nothing is re-initialised), stages move between host and device as the new plan
         places them, and this step stops working (the new one owns the state). profile: as in compile
-        (default: this step's)."""
+        (default: this step's). If the new plan cannot be set up (out of device or host memory), the
+        state goes back where it was and this step keeps working."""
         self._retired()
         self.synchronize()
         settings = {**self._settings, "example": example if example is not None else self._settings["example"],
@@ -195,12 +196,22 @@ class Step:
         if [s.params for s in planned.partition.stages] != [s.params for s in self._planned.partition.stages]:
             raise ValueError("the new example partitions the model differently; compile it again instead")
         self._engine = None  # its device buffers go before the new plan's are made
-        for move in (lambda: None, lambda: self._store.place(planned.plan.schedule.resident)):
-            move()
-            gc.collect()  # the caching allocator keeps what was freed: hand it back before the new plan
-            if settings["device"].type == "cuda":
-                torch.cuda.empty_cache()
-        return Step(planned, self._store, _engine(planned, self._store, settings), settings)
+        try:
+            self._free_cache()
+            self._store.place(planned.plan.schedule.resident)
+            self._free_cache()
+            return Step(planned, self._store, _engine(planned, self._store, settings), settings)
+        except BaseException:
+            self._free_cache()
+            self._store.place(self.plan.schedule.resident)
+            self._engine = _engine(self._planned, self._store, self._settings)
+            raise
+
+    def _free_cache(self) -> None:
+        """Hand what the caching allocator keeps back to the device before the next plan allocates."""
+        gc.collect()
+        if self._settings["device"].type == "cuda":
+            torch.cuda.empty_cache()
 
     def _retired(self) -> None:
         if self._engine is None:

@@ -1,4 +1,6 @@
 """5 streamed steps equal eager PyTorch + torch.optim.AdamW (fp32, CPU) within 1e-5 relative."""
+import importlib
+
 import pytest
 import torch
 
@@ -77,6 +79,29 @@ def test_replanning_moves_the_state_and_training_goes_on_exactly():
         llama(), "15MB", clip=1.0, schedule="spine", replan={2: {}, 4: {"gpu_mem": "3.5MB"}})
     assert step.plan.schedule.resident == [] and step.plan.schedule.gpu_mem == 3_500_000
     assert_same_training(step, reference, losses, reference_losses)
+
+
+def test_a_replan_that_fails_leaves_the_step_working(monkeypatch):
+    torch.manual_seed(0)
+    step = mtc.compile(llama(), gpu_mem="15MB", example=tokens(), device="cpu")
+    step(*tokens())
+    before = {name: value.clone() for name, value in step.named_parameters()}
+    resident = step.plan.schedule.resident
+
+    compile_module = importlib.import_module("mtc.compile")
+    build, calls = compile_module._engine, []
+
+    def out_of_memory_once(*args):  # the new plan's engine fails; the old one is built again
+        calls.append(args)
+        if len(calls) == 1:
+            raise MemoryError("no room for the new plan's buffers")
+        return build(*args)
+    monkeypatch.setattr(compile_module, "_engine", out_of_memory_once)
+    with pytest.raises(MemoryError):
+        step.replan(gpu_mem="3.5MB")
+    assert step._store.groups[resident[0]].kind == "resident"  # moved back
+    assert all(torch.equal(value, before[name]) for name, value in step.named_parameters())
+    assert float(step(*tokens())) > 0
 
 
 def test_a_replanned_step_refuses_to_run():
