@@ -63,7 +63,8 @@ def run(preset: str, batch: tuple[int, int], gpu_mem: str = "80GB", steps: int =
     store = step._store
     mine = {"params": params, "compile_s": time.perf_counter() - started, "slots": step.plan.schedule.slots,
             "planned_peak_bytes": step.plan.schedule.peak_bytes, "predicted_step_s": step.plan.predicted_step_seconds(),
-            "kept_activations": len(step.plan.schedule.keep), "profile": step.plan.profile.name, "store_build_s": store.build_seconds,
+            "kept_activations": len(step.plan.schedule.keep), "offloaded_inputs": len(step.plan.schedule.offload),
+            "profile": step.plan.profile.name, "store_build_s": store.build_seconds,
             "host_state_bytes": store.host_bytes, "host_state_params": store.host_params,
             "host_state_bytes_per_param": store.host_bytes / max(1, store.host_params),
             "resident_stages": len(step.plan.schedule.resident), "stages": len(step.plan.schedule.stages),
