@@ -3,7 +3,8 @@
 The device holds `k` weight slots (flat buffers of the compute dtype), the resident stages (weights,
 gradient, master and moments), the shared weights and buffers, the kept boundary activations, two
 gradient buffers for streamed stages and one stage's working set: all allocated by the first step and
-reused after it.
+reused after it. A stage that offloads its input copies it to a pinned host buffer of its own (made
+by the first step) on the copy-out stream and fetches it back on the copy-in stream before its backward.
 
 On a GPU each instruction goes to its plan stream (copy-in and copy-out on streams of their own,
 compute on the caller's current stream), ordered across streams only by CUDA events; the main thread
