@@ -1,5 +1,5 @@
 """schedule: stage costs + gpu_mem -> which stages stay on the device, which stream through which slot,
-and which keep their activations for the backward instead of recomputing them.
+and what each stage leaves for its backward (its activations, its input on the device or on the host).
 
 A search, every candidate that fits lowered and simulated on the hardware profile, the fastest kept:
 - k weight slots, 1 to MAX_SLOTS, so copies run up to k - 1 stages ahead of compute;
@@ -104,13 +104,13 @@ it had allocated in the H100 runs of BENCHMARKS.md (3B and 8B Llama shapes)."""
 
 def schedule_pass(costs: Costs, gpu_mem: int, clip: bool, slots: int | None = None,
                   resident: int | None = None, profile=None) -> Schedule:
-    """Search the weight slots (1 to MAX_SLOTS, or exactly `slots`), the resident stages and the kept
-    activations; keep the plan that fits and is predicted fastest on `profile`.
+    """Search the weight slots (1 to MAX_SLOTS, or exactly `slots`), the resident stages and the stages'
+    activation policies; keep the plan that fits and is predicted fastest on `profile`.
 
     Resident sets: every subset on chains of up to SUBSET_STAGES stages; on longer ones the complements
     of contiguous streamed runs (every run up to EXHAUSTIVE_STAGES, sampled beyond). A run that ends
     before the output head can beat one that ends at it: with clipping the CPU's updates then keep pace
-    with the next forward instead of holding it back at its last stage. Kept activations: see
+    with the next forward instead of holding it back at its last stage. Activation policies: see
     _policies. Ties (within TIE) go to the plan that streams fewest stages, then offloads fewest, then
     recomputes fewest, then has more slots. `resident=r` asks for exactly stages [0, r).
     """
