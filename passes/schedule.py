@@ -111,8 +111,8 @@ def schedule_pass(costs: Costs, gpu_mem: int, clip: bool, slots: int | None = No
     of contiguous streamed runs (every run up to EXHAUSTIVE_STAGES, sampled beyond). A run that ends
     before the output head can beat one that ends at it: with clipping the CPU's updates then keep pace
     with the next forward instead of holding it back at its last stage. Activation policies: see
-    _policies. Ties (within TIE) go to the plan that streams fewest stages, then offloads fewest, then
-    recomputes fewest, then has more slots. `resident=r` asks for exactly stages [0, r).
+    _policies. Ties (within TIE) go to the plan that offloads fewest stages (PCIe time and host memory for
+    no gain), then streams fewest, then recomputes fewest, then has more slots. `resident=r` asks for exactly stages [0, r).
     """
     from mtc.codegen.stream_plan import lower, predicted_step_seconds  # the lowering predicts the plan's time
     from mtc.config import H100
@@ -131,8 +131,8 @@ def schedule_pass(costs: Costs, gpu_mem: int, clip: bool, slots: int | None = No
             seen.add(key)
             for keep, offload in _policies(costs, gpu_mem, clip, k, kept, budget):
                 plan = fixed_plan(costs, gpu_mem, clip, k, kept, keep, offload)
-                options.append((predicted_step_seconds(lower(plan), profile or H100), count - len(kept),
-                                len(offload), count - 1 - len(keep), -k, plan))
+                options.append((predicted_step_seconds(lower(plan), profile or H100), len(offload),
+                                count - len(kept), count - 1 - len(keep), -k, plan))
         if resident is not None and options:
             break
     if not options:
