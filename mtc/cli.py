@@ -10,7 +10,7 @@ import torch
 
 import mtc
 from mtc.codegen.stream_plan import chrome_trace
-from mtc.config import parse_bytes
+from mtc.config import format_bytes, parse_bytes
 from mtc.passes.schedule import ALLOCATOR_HEADROOM, MemoryBudgetError, smallest_plan
 from mtc.plan import stage_table
 from mtc.examples import data, models
@@ -35,6 +35,9 @@ def main(argv=None) -> int:
     plan.add_argument("--trace", metavar="PATH", help="write the predicted timeline as a Chrome/Perfetto trace")
     plan.add_argument("--max-seq", type=int, metavar="LIMIT", default=None,
                       help="find the longest sequence (up to LIMIT tokens) that fits, for --batch's sequence count")
+    plan.add_argument("--batches", metavar="BxS,...", default=None,
+                      help="also a line per batch shape (e.g. 1x4096,2x4096,4x4096): the plan solved for it from "
+                           "the costs' polynomials, without tracing again")
 
     plan.add_argument("--host-mem", default=None,
                       help="host RAM to plan for, e.g. 1.5TB (default: the profile's); refused if the state won't fit")
@@ -170,7 +173,33 @@ def _plan(args) -> int:
             json.dump(chrome_trace(planned.plan.stream_plan, planned.plan.profile), f)
         print(f"wrote the predicted timeline to {args.trace} (chrome://tracing or ui.perfetto.dev)")
     print(planned.plan if args.instructions else planned.plan.summary())
+    if args.batches:
+        print(_batch_table(planned, [_batch(b) for b in args.batches.split(",")], gpu_mem, bool(args.clip)))
     return 0
+
+
+def _batch_table(planned, batches: list[tuple[int, int]], gpu_mem: int, clip: bool) -> str:
+    """One line per batch shape: the solver's plan for it, on costs evaluated from the polynomials of b and s."""
+    from mtc.codegen.stream_plan import lower, predicted_step_seconds
+    from mtc.passes.schedule import schedule_pass
+
+    symbolic, profile = planned.symbolic_costs(), planned.plan.profile
+    params = sum(s.params for s in planned.costs.stages) + (planned.costs.shared.params if planned.costs.shared else 0)
+    lines = [f"batch shapes on '{profile.name}' (costs from the polynomials of b and s):",
+             f"{'batch':<12}{'slots/res/keep/offload':>24}{'peak':>12}{'step (s)':>10}{'tokens/s':>12}{'TFLOP/s (6PT)':>15}"]
+    for sequences, seq in batches:
+        try:
+            schedule = schedule_pass(symbolic.at(sequences, seq), gpu_mem, clip, profile=profile)
+        except MemoryBudgetError as error:
+            lines.append(f"{sequences}x{seq:<10}  does not fit: needs {format_bytes(error.schedule.peak_bytes)} at "
+                         f"its smallest plan")
+            continue
+        seconds = predicted_step_seconds(lower(schedule), profile)
+        shape = f"{schedule.slots}/{len(schedule.resident)}/{len(schedule.keep)}/{len(schedule.offload)}"
+        tokens = sequences * seq
+        lines.append(f"{f'{sequences}x{seq}':<12}{shape:>24}{format_bytes(schedule.peak_bytes):>12}{seconds:>10.4g}"
+                     f"{tokens / seconds:>12,.0f}{6 * params * tokens / seconds / 1e12:>15.0f}")
+    return "\n".join(lines)
 
 
 SEQ_STEP = 128

@@ -28,3 +28,18 @@ def test_a_decoder_layer_costs_what_its_shapes_say():
     assert layer["forward_flops"] == 2 * params * BATCH * SEQ + 32 * 128 * 2 * BATCH * SEQ**2
     assert layer["saved_bytes"].coeff(BATCH * SEQ) == 4096 * 2  # the bf16 residual stream
     assert layer["activation_bytes"].as_poly(BATCH, SEQ).degree(SEQ) == 1  # fused attention: no s^2 held
+
+
+def test_cli_solves_other_batch_shapes_from_the_polynomials(capsys):
+    from mtc.cli import main
+
+    assert main(["plan", "--preset", "125m", "--batch", "2x128", "--gpu-mem", "3GB",
+                 "--batches", "2x128,4x256,64x4096"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: line for line in lines[lines.index(next(l for l in lines if l.startswith("batch "))):]}
+    own = float(next(l for l in lines if l.startswith("predicted step: ")).split()[2])
+    assert float(rows["2x128"].split()[4]) == pytest.approx(own, rel=1e-3)  # the example's own shape
+    direct = mtc.plan(models.build("125m", device="meta"), "3GB",
+                      (torch.empty(4, 256, dtype=torch.long, device="meta"),) * 2, clip=True, device="cuda")
+    assert float(rows["4x256"].split()[4]) == pytest.approx(direct.plan.predicted_step_seconds(), rel=1e-3)
+    assert "does not fit" in rows["64x4096"]
