@@ -347,3 +347,12 @@ def parameter_count(model: nn.Module) -> int:
     """Number of parameter elements, counting tied (shared) parameters once."""
     # Module.parameters() already yields each shared Parameter only once.
     return sum(p.numel() for p in model.parameters())
+
+
+def random_batches(preset: str, shape: tuple[int, int], count: int, device, seed: int = 0) -> list[tuple]:
+    """`count` (input_ids, labels) pairs of `shape` (sequences, tokens) drawn uniformly from the preset's
+    vocabulary: what benchmarks and calibration time steps on."""
+    generator = torch.Generator().manual_seed(seed)
+    vocab = PRESETS[preset].vocab_size
+    return [tuple(torch.randint(0, vocab, shape, generator=generator).to(device) for _ in range(2))
+            for _ in range(count)]

@@ -25,11 +25,11 @@ import time
 import torch
 
 import mtc
-from mtc.codegen.stream_plan import STREAMS, duration
+from mtc.codegen.stream_plan import STREAMS, busy_seconds
 from mtc.config import format_bytes, parse_bytes
 from mtc.examples import models
-from mtc.passes.schedule import MemoryBudgetError
 from mtc import probe
+from mtc.passes.schedule import MemoryBudgetError
 from mtc.probe import copy_rates, lane_seconds
 
 GB = 1e9
@@ -43,9 +43,7 @@ def run(preset: str, batch: tuple[int, int], gpu_mem: str = "80GB", steps: int =
     device = torch.device("cuda", torch.cuda.current_device())
     sequences, seq = batch
     tokens = sequences * seq
-    generator = torch.Generator().manual_seed(0)
-    inputs = [tuple(torch.randint(0, models.PRESETS[preset].vocab_size, (sequences, seq), generator=generator)
-                    .to(device) for _ in range(2)) for _ in range(2)]
+    inputs = models.random_batches(preset, batch, 2, device)
     result = {"preset": preset, "batch": f"{sequences}x{seq}", "tokens_per_step": tokens, "gpu_mem": gpu_mem,
               "clip": clip, "device": torch.cuda.get_device_name(device), "torch": torch.__version__,
               "date": time.strftime("%Y-%m-%d"), "ceilings": _ceilings(device)}
@@ -103,22 +101,18 @@ def sweep(preset: str, batches: list[tuple[int, int]], budgets: list[str], sched
     total = torch.cuda.get_device_properties(device).total_memory
     model = models.build(preset, device="meta")
     params = models.parameter_count(model)
-    generator = torch.Generator().manual_seed(0)
     rows, step, profile, calibration = [], None, None, None
     if calibrate:
-        sequences, seq = batches[0]
-        example = tuple(torch.randint(0, models.PRESETS[preset].vocab_size, (sequences, seq)).to(device)
-                        for _ in range(2))
+        calibration_inputs = models.random_batches(preset, batches[0], 2, device, seed=1)
         largest = max(budgets, key=lambda b: parse_bytes(b, "gpu_mem"))
         torch.cuda.set_per_process_memory_fraction(min(1.0, parse_bytes(largest, "gpu_mem") / total), device)
-        step = mtc.compile(model, gpu_mem=largest, example=example, clip_grad_norm=clip, device=device,
+        step = mtc.compile(model, gpu_mem=largest, example=calibration_inputs[0], clip_grad_norm=clip, device=device,
                            init=models.init_weights, cpu_threads=cpu_threads, optimizer=mtc.AdamW(lr=1e-4),
                            schedule="spine")
-        profile, calibration = probe.calibrate(step, [example, example], warmup)
+        profile, calibration = probe.calibrate(step, calibration_inputs, warmup)
         progress(calibration)
     for sequences, seq in batches:
-        inputs = [tuple(torch.randint(0, models.PRESETS[preset].vocab_size, (sequences, seq), generator=generator)
-                        .to(device) for _ in range(2)) for _ in range(2)]
+        inputs = models.random_batches(preset, (sequences, seq), 2, device)
         for gpu_mem in budgets:
             for schedule in schedules:
                 row = {"preset": preset, "batch": f"{sequences}x{seq}", "gpu_mem": gpu_mem, "schedule": schedule,
@@ -149,9 +143,7 @@ def sweep(preset: str, batches: list[tuple[int, int]], budgets: list[str], sched
                     step.synchronize()
                 else:
                     row["busy_s"] = lane_seconds(step, inputs)
-                    row["predicted_busy_s"] = {stream: sum(duration(step.plan.stream_plan, i, step.plan.profile)
-                                                           for i in step.plan.stream_plan.on(stream))
-                                               for stream in STREAMS}
+                    row["predicted_busy_s"] = busy_seconds(step.plan.stream_plan, step.plan.profile)
                     row["measured_over_predicted"] = row["step_s"] / row["predicted_step_s"]
                     row["peak_over_predicted"] = row["peak_gpu_allocated_bytes"] / row["predicted_peak_bytes"]
                     row["within_gpu_mem"] = row["peak_gpu_reserved_bytes"] <= parse_bytes(gpu_mem, "gpu_mem")
@@ -164,7 +156,7 @@ def sweep(preset: str, batches: list[tuple[int, int]], budgets: list[str], sched
 def sweep_table(rows: list[dict]) -> str:
     """One line per row, with the solver's speed-up over the spine plan on the same batch and budget."""
     spine = {(r["batch"], r["gpu_mem"]): r.get("step_s") for r in rows if r["schedule"] == "spine"}
-    lines = [f"{'batch':<8}{'gpu_mem':>8} {'plan':<6}{'slots/res/keep':>15}{'predicted':>10}{'measured':>9}"
+    lines = [f"{'batch':<8}{'gpu_mem':>8} {'plan':<6}{'slots/res/keep/offl':>20}{'predicted':>10}{'measured':>9}"
              f"{'meas/pred':>10}{'peak pred':>11}{'peak alloc':>11}{'alloc/pred':>11}{'reserved':>10}"
              f"{'vs spine':>9}"]
     for r in rows:
@@ -172,12 +164,12 @@ def sweep_table(rows: list[dict]) -> str:
         if "does_not_fit" in r:
             lines.append(head + "  does not fit: " + r["does_not_fit"][:80])
             continue
-        shape = f"{r['slots']}/{r['resident']}/{r['kept']} of {r['stages']}"
+        shape = f"{r['slots']}/{r['resident']}/{r['kept']}/{r['offloaded']} of {r['stages']}"
         if "step_s" not in r:
-            lines.append(head + f"{shape:>15}{r['predicted_step_s']:>10.3f}  out of memory")
+            lines.append(head + f"{shape:>20}{r['predicted_step_s']:>10.3f}  out of memory")
             continue
         base = spine.get((r["batch"], r["gpu_mem"]))
-        lines.append(head + f"{shape:>15}{r['predicted_step_s']:>10.3f}{r['step_s']:>9.3f}"
+        lines.append(head + f"{shape:>20}{r['predicted_step_s']:>10.3f}{r['step_s']:>9.3f}"
                      f"{r['measured_over_predicted']:>10.3f}{format_bytes(r['predicted_peak_bytes']):>11}"
                      f"{format_bytes(r['peak_gpu_allocated_bytes']):>11}{r['peak_over_predicted']:>11.3f}"
                      f"{format_bytes(r['peak_gpu_reserved_bytes']):>10}"
@@ -242,8 +234,8 @@ def _traced_steps(step, inputs, ceilings, step_s, trace_path) -> dict:
     second = [r for r in rows if r[0] == max(r[0] for r in rows)]
     busy = {stream: sum(end - start for _, instr, start, end in second if instr.stream == stream)
             for stream in STREAMS}
-    bytes_in = sum(instr.bytes for _, instr, _, _ in second if instr.op == "copy_in")
-    bytes_out = sum(instr.bytes for _, instr, _, _ in second if instr.op == "copy_out")
+    bytes_in = sum(instr.bytes for _, instr, _, _ in second if instr.stream == "h2d")  # weights, fetched inputs
+    bytes_out = sum(instr.bytes for _, instr, _, _ in second if instr.stream == "d2h")  # gradients, offloaded inputs
     bounds = {"compute": busy["compute"], "copy_in": bytes_in / ceilings["h2d_bytes_per_s"],
               "copy_out": bytes_out / ceilings["d2h_bytes_per_s"], "cpu_optimizer": busy["cpu"]}
     compute = [(start, end) for _, instr, start, end in rows if instr.stream == "compute"]

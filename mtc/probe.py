@@ -137,14 +137,14 @@ def calibrate(step, inputs: list, warmup: int = 1) -> tuple[HardwareProfile, dic
     running beside them (the probe measures them one or two at a time; on the H100 and H200 machines of
     BENCHMARKS.md the host AdamW reached 0.7-0.85 of its probed rate inside a step). The device AdamW rate
     is kept unless the plan updates stages on the device. Returns the profile and what it rests on."""
-    from mtc.codegen.stream_plan import STREAMS, duration
+    from mtc.codegen.stream_plan import busy_seconds
 
     for index in range(warmup + 1):
         step(*inputs[index % len(inputs)])
     step.synchronize()
     measured = lane_seconds(step, inputs)
-    plan, profile = step.plan.stream_plan, step.plan.profile
-    predicted = {stream: sum(duration(plan, i, profile) for i in plan.on(stream)) for stream in STREAMS}
+    profile = step.plan.profile
+    predicted = busy_seconds(step.plan.stream_plan, profile)
     rate = {"h2d": "h2d_bytes_per_s", "d2h": "d2h_bytes_per_s", "compute": "flops_per_s",
             "cpu": "optimizer_params_per_s"}
     scaled = {field: getattr(profile, field) * predicted[lane] / measured[lane]
@@ -177,9 +177,7 @@ def calibrated_on(preset: str, batch: tuple[int, int], gpu_mem: str, device: tor
     from mtc.examples import models
 
     model = models.build(preset, device="meta")
-    generator = torch.Generator().manual_seed(0)
-    inputs = [tuple(torch.randint(0, models.PRESETS[preset].vocab_size, batch, generator=generator).to(device)
-                    for _ in range(2)) for _ in range(2)]
+    inputs = models.random_batches(preset, batch, 2, device)
     step = mtc.compile(model, gpu_mem=gpu_mem, example=inputs[0], clip_grad_norm=1.0, device=device,
                        init=models.init_weights, cpu_threads=cpu_threads, profile=profile, schedule="spine")
     return calibrate(step, inputs)
