@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     bench.add_argument("--cpu-threads", type=int, default=None,
                        help="threads for the CPU optimizer (default: all cores but two)")
     bench.add_argument("--no-calibrate", action="store_true",
-                       help="with --schedule: plan the rows on the saved profile, without first timing the spine plan")
+                       help="a sweep (as --schedule) planned on the saved profile, without first timing the spine plan")
     bench.add_argument("--schedule", default=None, metavar="solve,spine",
                        help="measured against predicted: --batch and --gpu-mem may then list several values "
                             "(comma-separated), and every combination runs on one state store")
@@ -156,7 +156,8 @@ def _plan(args) -> int:
                         host_mem=host_mem)
 
     if args.max_seq:
-        seq = _longest_sequence(plan_for, batch, gpu_mem, bool(args.clip), args.max_seq)
+        seq, base = _longest_sequence(plan_for, batch, gpu_mem, bool(args.clip), args.max_seq)
+        print(_polynomials(base))
         print(f"longest sequence that fits: {seq} tokens ({batch}x{seq}, multiples of {SEQ_STEP})")
     try:
         planned = plan_for(seq)
@@ -206,8 +207,8 @@ SEQ_STEP = 128
 """--max-seq searches sequence lengths in steps of this many tokens."""
 
 
-def _longest_sequence(plan_for, batch: int, gpu_mem: int, clip: bool, limit: int) -> int:
-    """The longest multiple of SEQ_STEP up to `limit` whose plan fits. Device memory grows with the
+def _longest_sequence(plan_for, batch: int, gpu_mem: int, clip: bool, limit: int):
+    """(The longest multiple of SEQ_STEP up to `limit` whose plan fits, the plan at SEQ_STEP tokens). Device memory grows with the
     sequence, so what fits is a prefix of the lengths: a binary search over the smallest plan (one slot,
     nothing resident, inputs offloaded: a plan fits if and only if that one does), its costs
     evaluated from the polynomials of b and s fitted once (passes.costs.symbolic_costs). The answer is
@@ -231,16 +232,22 @@ def _longest_sequence(plan_for, batch: int, gpu_mem: int, clip: bool, limit: int
         except MemoryBudgetError:
             return False
 
-    print("costs as polynomials of batch b and sequence length s (one stage per template):")
-    seen = set()
-    for index, stage in enumerate(base.partition.stages):
-        if stage.template.name not in seen:
-            seen.add(stage.template.name)
-            print(f"  {stage.name}: " + "; ".join(f"{field} = {text}" for field, text in symbolic.describe(index).items()))
     seq = _search(fits_on_paper, limit)
     if fits(seq) and (seq + SEQ_STEP > limit or not fits(seq + SEQ_STEP)):
-        return seq
-    return _search(fits, limit)
+        return seq, base
+    return _search(fits, limit), base
+
+
+def _polynomials(planned) -> str:
+    """Each template's costs as polynomials of b and s, for its first stage."""
+    symbolic, seen = planned.symbolic_costs(), set()
+    lines = ["costs as polynomials of batch b and sequence length s (one stage per template):"]
+    for index, stage in enumerate(planned.partition.stages):
+        if stage.template.name not in seen:
+            seen.add(stage.template.name)
+            lines.append(f"  {stage.name}: " + "; ".join(f"{field} = {text}"
+                                                         for field, text in symbolic.describe(index).items()))
+    return "\n".join(lines)
 
 
 def _search(fits, limit: int) -> int:
@@ -261,7 +268,7 @@ def _bench(args) -> int:
         if getattr(args, name) < (1 if name == "steps" else 0):
             raise ValueError(f"--{name}={getattr(args, name)} is not valid; expected an integer >= "
                              f"{1 if name == 'steps' else 0}")
-    if args.schedule or "," in args.batch or "," in args.gpu_mem:
+    if args.schedule or args.no_calibrate or "," in args.batch or "," in args.gpu_mem:
         return _bench_sweep(args, bench)
     parse_bytes(args.gpu_mem, "--gpu-mem")
     result = bench.run(args.preset, _batch(args.batch), gpu_mem=args.gpu_mem, steps=args.steps,
@@ -305,16 +312,18 @@ def _probe(args) -> int:
     if args.cpu_threads is not None and args.cpu_threads < 1:
         raise ValueError(f"--cpu-threads={args.cpu_threads} is not valid; expected an integer >= 1")
     device = _device(args.device)
+    if args.calibrate:  # checked before the minute of probing, not after
+        if args.calibrate not in models.PRESETS:
+            raise ValueError(f"--calibrate={args.calibrate!r} is not a preset; expected one of "
+                             f"{', '.join(models.PRESETS)}")
+        if device.type != "cuda":
+            raise ValueError("--calibrate times a step on the GPU and the device is the CPU")
+        batch, gpu_mem = _batch(args.batch), parse_bytes(args.gpu_mem, "--gpu-mem")
     print(f"mtc probe: measuring {probe.device_name(device)}{' (quick)' if args.quick else ''}...", flush=True)
-    if args.calibrate and args.calibrate not in models.PRESETS:
-        raise ValueError(f"--calibrate={args.calibrate!r} is not a preset; expected one of {', '.join(models.PRESETS)}")
-    if args.calibrate and device.type != "cuda":
-        raise ValueError("--calibrate times a step on the GPU and the device is the CPU")
     profile = probe.probe(device, cpu_threads=args.cpu_threads, quick=args.quick)
     if args.calibrate:
         print(f"mtc probe: calibrating on {args.calibrate} {args.batch}...", flush=True)
-        profile, _ = probe.calibrated_on(args.calibrate, _batch(args.batch), args.gpu_mem, device, profile,
-                                         args.cpu_threads)
+        profile, _ = probe.calibrated_on(args.calibrate, batch, gpu_mem, device, profile, args.cpu_threads)
     path = args.save or probe.profile_path(probe.device_name(device))
     probe.save(profile, path)
     print(f"copy in {profile.h2d_bytes_per_s / 1e9:.1f} GB/s, copy out {profile.d2h_bytes_per_s / 1e9:.1f} GB/s "
