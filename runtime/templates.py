@@ -10,6 +10,7 @@ the backward calls torch.autograd.grad over it. Two activation policies:
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -44,8 +45,8 @@ class _InSlot:
 
 def _slot_hooks(slot: torch.Tensor | None, recorded: Recorded):
     """Saved tensors that live in `slot` become their place in it, read back from recorded.slot."""
-    if slot is None:
-        return torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
+    if slot is None:  # the weights stay where they are: autograd may keep them as they are
+        return contextlib.nullcontext()
     slot_storage = slot.untyped_storage().data_ptr()
 
     def pack(tensor):
