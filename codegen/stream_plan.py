@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 
 from mtc.config import HardwareProfile, format_bytes
 from mtc.passes.costs import StageCost
-from mtc.passes.schedule import Schedule, backward_work_bytes, held_bytes
+from mtc.passes.schedule import Schedule, backward_work_bytes, forward_work_bytes, held_bytes
 
 STREAMS = ("h2d", "compute", "d2h", "cpu")
 SHARED = -1
@@ -123,7 +123,7 @@ def lower(schedule: Schedule) -> StreamPlan:
         reads = copy_in.id if copy_in else None
         if use.phase == "forward":
             compute = emit("compute", "forward", use.stage, slot=use.slot, waits=waits, reads=reads,
-                           bytes=held_bytes(schedule, use.stage), work_bytes=stage.forward_bytes)
+                           bytes=held_bytes(schedule, use.stage), work_bytes=forward_work_bytes(schedule, use.stage))
             forward_of[use.stage] = compute
             for forward, offload in pending_input_free:  # the previous stage's input, once on the host
                 emit("compute", "free_input", forward.stage, waits=[offload.id], releases=[forward.id])

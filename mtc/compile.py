@@ -58,7 +58,7 @@ def compile(model: torch.nn.Module, gpu_mem="80GB", example=None, optimizer: Ada
 def _engine(planned: "Planned", store: StateStore, settings: dict) -> Engine:
     return Engine(planned.plan.stream_plan, planned.partition, store, planned.costs.grad_inputs,
                   settings["optimizer"], settings["clip_grad_norm"], settings["device"], planned.compute_dtype,
-                  planned.traced.unflatten_output, settings["cpu_threads"])
+                  planned.traced.unflatten_output, settings["cpu_threads"], planned.costs.row_axes)
 
 
 class Planned:

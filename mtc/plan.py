@@ -10,7 +10,7 @@ from mtc.codegen.stream_plan import SHARED, StreamPlan, busy_seconds, duration, 
 from mtc.config import HardwareProfile, format_bytes
 from mtc.runtime.store import FIXED_HOST_BYTES
 
-FORMAT = "mtc-plan/3"
+FORMAT = "mtc-plan/4"
 
 
 @dataclass
@@ -77,7 +77,8 @@ class Plan:
             f"{'; clip by global norm' if schedule.clip else ''}",
             f"activations: {len(schedule.keep) + 1} stages keep theirs for the backward {_ranges(schedule.keep)} "
             f"and the last; {len(schedule.offload)} offload their input to the host{_ranges(schedule.offload, ' ')}; "
-            f"{len(schedule.stages) - len(schedule.keep) - len(schedule.offload) - 1} recompute from their input",
+            f"{len(schedule.stages) - len(schedule.keep) - len(schedule.offload) - 1} recompute from their input"
+            + _chunks_line(schedule),
             f"device peak {format_bytes(schedule.peak_bytes)} of {format_bytes(schedule.gpu_mem)}",
             f"per step: {format_bytes(sum(i.bytes for i in self.stream_plan.on('h2d')))} in, "
             f"{format_bytes(sum(i.bytes for i in self.stream_plan.on('d2h')))} out; profile '{profile.name}' "
@@ -96,6 +97,15 @@ class Plan:
 
     def __str__(self) -> str:
         return self.summary() + "\n\n" + str(self.stream_plan)
+
+
+def _chunks_line(schedule) -> str:
+    chunked = [i for i in range(len(schedule.stages)) if schedule.chunks_of(i) > 1]
+    if not chunked:
+        return ""
+    rows = schedule.stages[chunked[0]].rows
+    return (f"; {len(chunked)} run in {schedule.chunks} token chunks of {-(-rows // schedule.chunks)} of the "
+            f"batch's {rows} rows {_ranges(chunked)} (marked /{schedule.chunks})")
 
 
 def _ranges(indices: list[int], before: str = "") -> str:
@@ -141,5 +151,7 @@ def _stage_plan(stream_plan, profile, stage: int) -> str:
     moved_in = sum(i.bytes for i in mine if i.op in ("copy_in", "fetch"))
     moved_out = sum(i.bytes for i in mine if i.op in ("copy_out", "offload"))
     activations = stream_plan.schedule.policy(stage) if stage != SHARED else "-"
+    if stage != SHARED and stream_plan.schedule.chunks_of(stage) > 1:
+        activations += f"/{stream_plan.schedule.chunks_of(stage)}"  # in that many token chunks
     return (f"{where:<13}{activations:<12}{format_bytes(moved_in) if moved_in else '-':>11}{format_bytes(moved_out) if moved_out else '-':>11}"
             f"{total(('forward',)):>9.1f}{total(('loss', 'backward')):>9.1f}{total(('optimizer',)):>10.1f}")

@@ -17,6 +17,7 @@ import torch.utils._pytree as pytree
 from torch.utils.flop_counter import FlopCounterMode
 
 from .partition import Partition, resolve_output
+from .rows import RowAxes, StageRows
 
 
 class LossError(TypeError):
@@ -49,6 +50,13 @@ class StageCost:
     offload_bytes: int = 0
     """Bytes of the inputs only this stage's backward reads again (Partition.offloadable_inputs): what
     crosses to the host and back when the stage offloads its input."""
+    rows: int = 0
+    """Rows of the batch, when the stage treats them independently (passes/rows); 0 when it does not.
+    With two or more it can run in token chunks of fewer rows."""
+    one_row_forward_bytes: int = 0
+    """forward_bytes and backward_bytes for one row of the batch (when rows > 0): a chunk's working set
+    lies between them and the whole batch's, linearly in its rows."""
+    one_row_backward_bytes: int = 0
 
 
 @dataclass
@@ -62,6 +70,8 @@ class Costs:
     """Value name -> whether it carries a gradient (depends on a parameter)."""
     loss: object
     """How to find the loss in the model output: ('tensor',), ('attr', 'loss') or ('key', 'loss')."""
+    row_axes: list[StageRows] = dataclasses.field(default_factory=list)
+    """Per stage: where its inputs and outputs hold the batch's rows, or why it cannot run in chunks."""
 
 
 def costs_pass(partition: Partition, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
@@ -71,26 +81,50 @@ def costs_pass(partition: Partition, params: dict[str, torch.Tensor], buffers: d
     weights = {name: torch.empty(p.shape, dtype=_compute(p, compute_dtype), device="meta", requires_grad=True)
                for name, p in params.items()}
     shared = set(partition.shared_params)
-    results = []
+    # The batch: the leading size of the first input of two or more axes; its rows lie along axis 0 of
+    # every input that leads with it.
+    rows = next((v.shape[0] for v in inputs if isinstance(v, torch.Tensor) and v.dim() >= 2), 1)
+    row_env = {name: 0 if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == rows else None
+               for name, v in env.items()}
+    results, row_axes = [], []
     for index, stage in enumerate(partition.stages):
         stage_inputs = [env[name] for name in stage.inputs]
-        args = [weights[p] for p in stage.params] + [meta(buffers[b]) for b in stage.buffers] + stage_inputs
-        profile = _MemoryProfile(stage.template.function("meta"))
+        weights_and_buffers = [weights[p] for p in stage.params] + [meta(buffers[b]) for b in stage.buffers]
+        args = weights_and_buffers + stage_inputs
+        function = stage.template.function("meta")
+        placeholders = [n.name for n in function.graph.nodes if n.op == "placeholder"]
+        tracker = RowAxes(rows, dict(zip(placeholders[len(weights_and_buffers):],
+                                         (row_env[name] for name in stage.inputs))))
+        profile = _MemoryProfile(function, tracker)
         saved = _SavedForBackward(known=args)
         with FlopCounterMode(display=False) as flops, saved, torch.enable_grad():
             outputs = profile.run(*args)
         env.update(zip(stage.outputs, outputs))
+        output_axes = tracker.output_axes(next(n for n in function.graph.nodes if n.op == "output"))
+        input_axes = [row_env[name] for name in stage.inputs]
+        why_not = tracker.why_not or (None if any(a is not None for a in input_axes)
+                                      else "no input holds the batch's rows")
+        row_axes.append(StageRows(input_axes, output_axes, why_not))
+        row_env.update(zip(stage.outputs, [None] * len(stage.outputs) if tracker.mixing else output_axes))
+        one_row = None
+        if why_not is None:  # the working sets of one row: a chunk's lie between those and the batch's
+            one_row, one_row_saved = _MemoryProfile(function), _SavedForBackward(known=weights_and_buffers)
+            with one_row_saved, torch.enable_grad():
+                one_row.run(*weights_and_buffers, *(_one_row(v, a, rows) for v, a in
+                                                    zip(stage_inputs, row_axes[-1].inputs)))
         own = [p for p in stage.params if p not in shared]
         own_bytes = sum(weights[p].nbytes for p in own)
         grad_bytes = own_bytes  # in the compute dtype until it reaches the host
         saved_inputs = sum(t.nbytes for t in stage_inputs if isinstance(t, torch.Tensor))
-        activations = min(saved.bytes, profile.saved_total)
+        activations = min(saved.bytes, profile.saved_total)  # as _backward_bytes counts them
         offloadable = sum(env[name].nbytes for name in partition.offloadable_inputs(index)
                           if isinstance(env[name], torch.Tensor))
         results.append(StageCost(
             stage.name, stage.template.name, sum(weights[p].numel() for p in own), own_bytes, grad_bytes,
-            saved_inputs, profile.peak_forward, activations + 2 * profile.largest + own_bytes,
-            int(flops.get_total_flops()) + profile.attention_flops, activations, offloadable))
+            saved_inputs, profile.peak_forward, _backward_bytes(profile, own_bytes, saved.bytes),
+            int(flops.get_total_flops()) + profile.attention_flops, activations, offloadable,
+            rows if one_row else 0, one_row.peak_forward if one_row else 0,
+            _backward_bytes(one_row, own_bytes, one_row_saved.bytes) if one_row else 0))
 
     output = unflatten_output(resolve_output(partition.output, env))
     loss, how = find_loss(output)
@@ -107,7 +141,20 @@ def costs_pass(partition: Partition, params: dict[str, torch.Tensor], buffers: d
                                 0, 0, 0, 0)
     buffer_bytes = sum(b.nbytes for b in buffers.values() if isinstance(b, torch.Tensor))
     resident = buffer_bytes + (shared_cost.weight_bytes + shared_cost.grad_bytes if shared_cost else 0)
-    return Costs(results, resident, shared_cost, grad_inputs, how)
+    return Costs(results, resident, shared_cost, grad_inputs, how, row_axes)
+
+
+def _backward_bytes(profile: "_MemoryProfile", weight_grad_bytes: int, saved_bytes: int) -> int:
+    """A recomputed backward's working set: the activations, two of the largest intermediate's size for
+    the gradients in flight, and the weight gradients."""
+    return min(saved_bytes, profile.saved_total) + 2 * profile.largest + weight_grad_bytes
+
+
+def _one_row(value, axis: int | None, rows: int):
+    """A meta value cut to one row of the batch along its row axis."""
+    if axis is None or not isinstance(value, torch.Tensor):
+        return value
+    return value.narrow(axis, 0, value.shape[axis] // rows)
 
 
 def find_loss(output):
@@ -185,10 +232,11 @@ def _attention_flops(query, key, value, is_causal: bool) -> int:
 class _MemoryProfile(fx.Interpreter):
     """Runs a template on meta tensors and records, per node, the bytes it allocates (views: none)."""
 
-    def __init__(self, module):
+    def __init__(self, module, rows: RowAxes | None = None):
         super().__init__(module)
         self.sizes = {}
         self.attention_flops = 0
+        self.rows = rows
 
     def call_function(self, target, args, kwargs):
         if target in ATTENTION:
@@ -199,6 +247,8 @@ class _MemoryProfile(fx.Interpreter):
 
     def run_node(self, node):
         result = super().run_node(node)
+        if self.rows is not None:
+            self.rows.visit(node, *self.fetch_args_kwargs_from_env(node), result)
         if node.op not in ("placeholder", "output"):
             tensors = [t for t in pytree.tree_leaves(result) if isinstance(t, torch.Tensor)]
             self.sizes[node] = sum(t.nbytes for t in tensors if t._base is None)
@@ -236,7 +286,8 @@ BATCH, SEQ = sympy.symbols("b s", positive=True, integer=True)
 MONOMIALS = (sympy.Integer(1), BATCH, SEQ, BATCH * SEQ, SEQ**2, BATCH * SEQ**2)
 """Terms a stage's bytes and FLOPs are made of: weights (1), per-sequence tables (s, s^2), per-token
 activations and matmuls (b*s), attention (b*s^2)."""
-SHAPED = ("saved_bytes", "forward_bytes", "backward_bytes", "forward_flops", "activation_bytes", "offload_bytes")
+SHAPED = ("saved_bytes", "forward_bytes", "backward_bytes", "forward_flops", "activation_bytes", "offload_bytes",
+          "rows", "one_row_forward_bytes", "one_row_backward_bytes")
 """StageCost fields that depend on the input shapes; the others (weights, gradients) do not."""
 
 

@@ -73,12 +73,22 @@ class Schedule:
     stage never recomputes: its forward and backward run back to back."""
     offload: list[int] = field(default_factory=list)
     """Stages whose boundary input goes to host memory between their forward and their backward."""
+    chunks: int = 1
+    """Token chunks: a stage that recomputes or offloads and treats the batch's rows independently
+    (StageCost.rows) runs its forward and its backward this many rows-chunks at a time, its weights in
+    their slot throughout and its weight gradients summed over the chunks; its working set shrinks with
+    the chunk, what it keeps between forward and backward does not."""
 
     def policy(self, stage: int) -> str:
         """'keep', 'recompute' or 'offload': what the stage's backward starts from, and where it waits."""
         if stage in self.keep or stage == len(self.stages) - 1:
             return "keep"
         return "offload" if stage in self.offload else "recompute"
+
+    def chunks_of(self, stage: int) -> int:
+        """How many token chunks the stage runs in (1: the whole batch at once)."""
+        rows = self.stages[stage].rows
+        return min(self.chunks, rows) if rows > 1 and self.policy(stage) != "keep" else 1
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -121,19 +131,23 @@ def schedule_pass(costs: Costs, gpu_mem: int, clip: bool, slots: int | None = No
     count = len(costs.stages)
     slot_counts = sorted({max(1, min(k, count)) for k in ([slots] if slots else range(1, MAX_SLOTS + 1))},
                          reverse=True)
-    options, seen = [], set()
-    for k in slot_counts:
-        kept_sets = [list(range(resident))] if resident is not None else _resident_sets(count)
-        for kept in kept_sets:
-            key = (min(k, count - len(kept)), tuple(kept))  # fewer streamed stages than slots: the same plan
-            if key in seen:
-                continue
-            seen.add(key)
-            for keep, offload in _policies(costs, gpu_mem, clip, k, kept, budget):
-                plan = fixed_plan(costs, gpu_mem, clip, k, kept, keep, offload)
-                options.append((predicted_step_seconds(lower(plan), profile or H100), len(offload),
-                                count - len(kept), count - 1 - len(keep), -k, plan))
-        if resident is not None and options:
+    options = []
+    for chunks in chunk_counts(costs):  # chunking only when the whole batch fits no plan
+        seen = set()
+        for k in slot_counts:
+            kept_sets = [list(range(resident))] if resident is not None else _resident_sets(count)
+            for kept in kept_sets:
+                key = (min(k, count - len(kept)), tuple(kept))  # fewer streamed stages than slots: the same plan
+                if key in seen:
+                    continue
+                seen.add(key)
+                for keep, offload in _policies(costs, gpu_mem, clip, k, kept, budget, chunks):
+                    plan = fixed_plan(costs, gpu_mem, clip, k, kept, keep, offload, chunks=chunks)
+                    options.append((predicted_step_seconds(lower(plan), profile or H100), len(offload),
+                                    count - len(kept), count - 1 - len(keep), -k, plan))
+            if resident is not None and options:
+                break
+        if options:
             break
     if not options:
         return smallest_plan(costs, gpu_mem, clip, check=True)  # raises, naming its need
@@ -146,7 +160,7 @@ POLICY_SUBSET_STAGES = 4
 
 
 def _policies(costs: Costs, gpu_mem: int, clip: bool, slots: int, resident: list[int],
-              budget: int) -> list[tuple[list[int], list[int]]]:
+              budget: int, chunks: int = 1) -> list[tuple[list[int], list[int]]]:
     """(keep, offload) sets worth simulating with these slots and resident stages; the rest recompute.
 
     On longer chains two families: nothing offloaded, and every stage that is not kept offloaded (as
@@ -154,7 +168,7 @@ def _policies(costs: Costs, gpu_mem: int, clip: bool, slots: int, resident: list
     fit, in _keep_order (keeping more never makes the simulated step slower, and fitting is monotone:
     keeping more only adds bytes)."""
     def fits(keep, offload):
-        return fixed_plan(costs, gpu_mem, clip, slots, resident, keep, offload).peak_bytes <= budget
+        return fixed_plan(costs, gpu_mem, clip, slots, resident, keep, offload, chunks=chunks).peak_bytes <= budget
 
     count = len(costs.stages)
     movable = [i for i in range(count - 1) if costs.stages[i].offload_bytes > 0]
@@ -221,8 +235,21 @@ def _resident_sets(count: int) -> list[list[int]]:
 
 def smallest_plan(costs: Costs, gpu_mem: int, clip: bool, check: bool = False) -> Schedule:
     """The plan with the least device memory: one slot, nothing resident, every input that can be offloaded
-    offloaded, the rest recomputed. Any plan fits only if this one does."""
-    return fixed_plan(costs, gpu_mem, clip, 1, [], [], list(range(len(costs.stages) - 1)), check=check)
+    offloaded, the rest recomputed, in the token chunks that need least (chunks cost the whole outputs and
+    gradients they fill, which small working sets do not repay). Any plan fits only if this one does."""
+    offload = list(range(len(costs.stages) - 1))
+    chunks = min(chunk_counts(costs), key=lambda c: fixed_plan(costs, gpu_mem, clip, 1, [], [], offload,
+                                                                  chunks=c).peak_bytes)
+    return fixed_plan(costs, gpu_mem, clip, 1, [], [], offload, chunks=chunks, check=check)
+
+
+def chunk_counts(costs: Costs) -> list[int]:
+    """Token chunk counts worth trying, fewest first: 1, then powers of two below the batch's rows, then
+    one row a chunk; [1] when no stage can be chunked."""
+    rows = max((s.rows for s in costs.stages), default=0)
+    if rows < 2:
+        return [1]
+    return [1 << i for i in range(rows.bit_length()) if 1 << i < rows] + [rows]
 
 
 def needed_gpu_mem(peak_bytes: int) -> int:
@@ -234,10 +261,10 @@ def needed_gpu_mem(peak_bytes: int) -> int:
 
 
 def fixed_plan(costs: Costs, gpu_mem: int, clip: bool, slots: int, resident: list[int],
-               keep: list[int] = (), offload: list[int] = (), check: bool = False) -> Schedule:
+               keep: list[int] = (), offload: list[int] = (), check: bool = False, chunks: int = 1) -> Schedule:
     """k slots for the streamed stages; the `resident` stages on the device; the `keep` stages' activations
     held from forward to backward, the `offload` stages' inputs on the host in between, the others
-    recomputed."""
+    recomputed, in `chunks` token chunks where they can be."""
     stages = costs.stages
     count = len(stages)
     order = ([(i, "forward") for i in range(count - 1)] + [(count - 1, "loss")]
@@ -258,7 +285,8 @@ def fixed_plan(costs: Costs, gpu_mem: int, clip: bool, slots: int, resident: lis
     resident_bytes = costs.resident_bytes + on_device + scratch
     schedule = Schedule(stages, costs.shared, uses, slots, slot_bytes, resident_bytes, gpu_mem, clip, 0,
                         sorted(resident), sorted(set(keep) - {count - 1}),
-                        sorted(i for i in set(offload) - set(keep) - {count - 1} if stages[i].offload_bytes))
+                        sorted(i for i in set(offload) - set(keep) - {count - 1} if stages[i].offload_bytes),
+                        chunks)
     peak, where = peak_memory(schedule)
     schedule.peak_bytes = peak
     budget = int(gpu_mem * (1 - ALLOCATOR_HEADROOM))
@@ -268,9 +296,16 @@ def fixed_plan(costs: Costs, gpu_mem: int, clip: bool, slots: int, resident: lis
             f"{format_bytes(peak)} ({peak} bytes) at its peak, in the {where}; that is {slots} weight slots of "
             f"{format_bytes(slot_bytes)}, {format_bytes(costs.resident_bytes)} resident, the boundary inputs "
             f"held on the device ({len(schedule.offload)} stages offload theirs to the host, {len(schedule.keep)} "
-            f"keep all their activations) and the stage's working set. With {ALLOCATOR_HEADROOM:.0%} left to the "
+            f"keep all their activations) and the stage's working set{_chunked_note(schedule)}. With {ALLOCATOR_HEADROOM:.0%} left to the "
             f"allocator that takes gpu_mem >= {needed_gpu_mem(peak)} bytes; give that or a smaller batch.", schedule)
     return schedule
+
+
+def _chunked_note(schedule: Schedule) -> str:
+    chunked = [i for i in range(len(schedule.stages)) if schedule.chunks_of(i) > 1]
+    if chunked:
+        return f" ({len(chunked)} stages in token chunks of {-(-schedule.stages[chunked[0]].rows // schedule.chunks)} rows)"
+    return " (no stage can run in token chunks)"
 
 
 def held_bytes(schedule: Schedule, stage: int) -> int:
@@ -280,11 +315,34 @@ def held_bytes(schedule: Schedule, stage: int) -> int:
     return cost.saved_bytes + (cost.activation_bytes if schedule.policy(stage) == "keep" else 0)
 
 
+def _chunk_bytes(whole: int, one_row: int, rows: int, chunks: int) -> int:
+    """A working set for one chunk of rows: linear in its rows between one row's and the whole batch's."""
+    chunk_rows = -(-rows // chunks)
+    return one_row + (whole - one_row) * (chunk_rows - 1) // (rows - 1)
+
+
+def forward_work_bytes(schedule: Schedule, stage: int) -> int:
+    """Transient bytes of a stage's forward; in chunks, a chunk's, and the whole outputs they fill (at most
+    the next stage's inputs)."""
+    cost = schedule.stages[stage]
+    chunks = schedule.chunks_of(stage)
+    if chunks == 1:
+        return cost.forward_bytes
+    outputs = schedule.stages[stage + 1].saved_bytes
+    return _chunk_bytes(cost.forward_bytes, cost.one_row_forward_bytes, cost.rows, chunks) + outputs
+
+
 def backward_work_bytes(schedule: Schedule, stage: int) -> int:
     """Transient bytes of a stage's backward: a recompute rebuilds its activations first; an offloading
-    stage's input is back on the device, and so is the next backward's, fetched while this one runs."""
+    stage's input is back on the device, and so is the next backward's, fetched while this one runs. In
+    chunks, a chunk's working set, the whole input gradients they fill and the weight gradients summed so far."""
     cost = schedule.stages[stage]
-    work = cost.backward_bytes - (cost.activation_bytes if stage in schedule.keep else 0)
+    chunks = schedule.chunks_of(stage)
+    if chunks > 1:
+        work = (_chunk_bytes(cost.backward_bytes, cost.one_row_backward_bytes, cost.rows, chunks)
+                + cost.saved_bytes + cost.grad_bytes)
+    else:
+        work = cost.backward_bytes - (cost.activation_bytes if stage in schedule.keep else 0)
     if stage in schedule.offload:
         work += cost.saved_bytes
     if stage - 1 in schedule.offload:
@@ -301,7 +359,7 @@ def peak_memory(schedule: Schedule) -> tuple[int, str]:
         if use.phase == "forward":
             # What it will hold (input, and activations when it keeps them) besides its transient bytes.
             kept += held_bytes(schedule, use.stage)
-            now = static + kept + stage.forward_bytes
+            now = static + kept + forward_work_bytes(schedule, use.stage)
         else:
             # A gradient buffer (slot-sized, reused) lives until its copy-out is done, i.e. during the next
             # backward.

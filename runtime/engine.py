@@ -96,7 +96,7 @@ class Worker:
 class Engine:
     def __init__(self, plan: StreamPlan, partition: Partition, store: StateStore, grad_inputs: dict[str, bool],
                  optimizer: AdamW, clip_grad_norm: float | None, device: torch.device, compute_dtype: torch.dtype,
-                 unflatten_output, cpu_threads: int | None = None):
+                 unflatten_output, cpu_threads: int | None = None, row_axes: list | None = None):
         self.plan, self.partition, self.store = plan, partition, store
         self.grad_inputs, self.optimizer, self.clip_grad_norm = grad_inputs, optimizer, clip_grad_norm
         self.device, self.compute_dtype, self.unflatten_output = device, compute_dtype, unflatten_output
@@ -129,6 +129,8 @@ class Engine:
         """The last clip's (global norm, coefficient), for the host optimizer and last_grad_norm."""
         self.clip_coef = None
         """The last clip's coefficient on the device, for the device updates."""
+        self.row_axes = row_axes
+        """Per stage: where its inputs and outputs hold the batch's rows (passes/rows), for token chunks."""
         self.offloaded = {i: partition.offloadable_inputs(i) for i in plan.schedule.offload}
         """Stage -> the inputs it sends to the host between its forward and its backward."""
         self.host_inputs: dict[tuple[int, str], torch.Tensor] = {}
@@ -293,8 +295,14 @@ class Engine:
         keep = None
         if instr.stage in self.plan.schedule.keep:
             keep = ([self.grad_inputs.get(name, False) for name in stage.inputs], self._slot(instr))
-        outputs, self.kept[instr.stage] = templates.forward(
-            self.functions[instr.stage], self._weights(instr), self._buffers(stage), inputs, self.device, keep)
+        chunks = self.plan.schedule.chunks_of(instr.stage)
+        if chunks > 1:
+            outputs, self.kept[instr.stage] = templates.forward_in_chunks(
+                self.functions[instr.stage], self._weights(instr), self._buffers(stage), inputs, self.device,
+                self.row_axes[instr.stage], self.plan.stages[instr.stage].rows, chunks)
+        else:
+            outputs, self.kept[instr.stage] = templates.forward(
+                self.functions[instr.stage], self._weights(instr), self._buffers(stage), inputs, self.device, keep)
         self.values.update(zip(stage.outputs, outputs))
 
     def _loss(self, instr):
@@ -316,9 +324,15 @@ class Engine:
     def _differentiate(self, instr, stage, kept, loss_of):
         output_grads = [self.grads.pop(name, None) for name in stage.outputs]
         carries = [self.grad_inputs.get(name, False) for name in stage.inputs]
-        input_grads, weight_grads, loss = templates.backward(
-            self.functions[instr.stage], self._weights(instr), self._buffers(stage), kept, carries,
-            output_grads, self.device, loss_of, self._slot(instr))
+        chunks = self.plan.schedule.chunks_of(instr.stage) if loss_of is None else 1
+        if chunks > 1:
+            input_grads, weight_grads, loss = templates.backward_in_chunks(
+                self.functions[instr.stage], self._weights(instr), self._buffers(stage), kept, carries,
+                output_grads, self.device, self.row_axes[instr.stage], self.plan.stages[instr.stage].rows, chunks)
+        else:
+            input_grads, weight_grads, loss = templates.backward(
+                self.functions[instr.stage], self._weights(instr), self._buffers(stage), kept, carries,
+                output_grads, self.device, loss_of, self._slot(instr))
         if loss is not None:
             self.loss = loss
         for name, grad in zip(stage.inputs, input_grads):

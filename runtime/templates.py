@@ -132,6 +132,60 @@ def backward(fn, weights: list, buffers: list, kept: Kept, carries_grad: list[bo
     return _differentiate(outputs, output_grads, leaves_w, leaves_x, None if replay else loss_of(outputs))
 
 
+def split_rows(values: list, axes: list, rows: int, chunks: int) -> list[list]:
+    """Each chunk's values: a row-carrying tensor narrowed to the chunk's rows along its row axis (each row
+    a run of size / rows along it), anything else whole."""
+    per_chunk = -(-rows // chunks)
+    pieces = []
+    for start in range(0, rows, per_chunk):
+        count = min(per_chunk, rows - start)
+        pieces.append([v.narrow(a, start * (v.shape[a] // rows), count * (v.shape[a] // rows))
+                       if a is not None and isinstance(v, torch.Tensor) else v for v, a in zip(values, axes)])
+    return pieces
+
+
+def join_rows(pieces: list[list], axes: list, sum_the_rest: bool) -> list:
+    """Chunks' results back into whole values: row-carrying ones concatenated along their row axis; the
+    others are the same in every chunk (outputs: the first is taken) or add up (gradients: summed)."""
+    joined = []
+    for index, axis in enumerate(axes):
+        parts = [piece[index] for piece in pieces]
+        if not isinstance(parts[0], torch.Tensor):
+            joined.append(parts[0])
+        elif axis is not None:
+            joined.append(torch.cat(parts, dim=axis))
+        elif sum_the_rest:
+            present = [p for p in parts if p is not None]
+            joined.append(None if not present else present[0] if len(present) == 1 else sum(present[1:], present[0]))
+        else:
+            joined.append(parts[0])
+    return joined
+
+
+def forward_in_chunks(fn, weights: list, buffers: list, inputs: list, device: torch.device, axes,
+                      rows: int, chunks: int) -> tuple[tuple, Kept]:
+    """A recomputed stage's forward over the batch's `rows` in `chunks` slices (axes: its StageRows)."""
+    rng = _rng_state(device)
+    with torch.no_grad():
+        pieces = [list(fn(*weights, *buffers, *piece)) for piece in split_rows(inputs, axes.inputs, rows, chunks)]
+    return tuple(join_rows(pieces, axes.outputs, sum_the_rest=False)), Kept(inputs, rng, False)
+
+
+def backward_in_chunks(fn, weights: list, buffers: list, kept: Kept, carries_grad: list[bool], output_grads: list,
+                       device: torch.device, axes, rows: int, chunks: int):
+    """backward() of a recomputed stage, chunk by chunk: its input gradients joined, its weight gradients
+    summed (in their dtype, as gradient accumulation over micro-batches does)."""
+    grads_of = split_rows(output_grads, axes.outputs, rows, chunks)
+    input_pieces, weight_grads = [], None
+    for inputs, grads in zip(split_rows(kept.inputs, axes.inputs, rows, chunks), grads_of):
+        input_grads, grads_w, _ = backward(fn, weights, buffers, Kept(inputs, kept.rng, False), carries_grad,
+                                           grads, device)
+        input_pieces.append(input_grads)
+        weight_grads = grads_w if weight_grads is None else [
+            a if b is None else b if a is None else a.add_(b) for a, b in zip(weight_grads, grads_w)]
+    return join_rows(input_pieces, axes.inputs, sum_the_rest=True), weight_grads, None
+
+
 def _differentiate(outputs, output_grads, leaves_w, leaves_x, loss):
     if loss is None:
         pairs = [(o, g) for o, g in zip(outputs, output_grads)

@@ -65,13 +65,14 @@ class BatchNormLM(nn.Module):
         return F.cross_entropy(self.head(h).flatten(0, 1), labels.flatten())
 
 
-def run_both(model, gpu_mem, clip=None, steps=5, kwargs=False, hp=None, seed=0, schedule="solve", replan=None):
-    """Train a copy eagerly with torch.optim.AdamW and the model with mtc; return both.
-    replan={step index: Step.replan keyword arguments} switches plans before that step."""
+def run_both(model, gpu_mem, clip=None, steps=5, kwargs=False, hp=None, seed=0, schedule="solve", replan=None,
+             shape=(2, 8)):
+    """Train a copy eagerly with torch.optim.AdamW and the model with mtc on token batches of `shape`;
+    return both. replan={step index: Step.replan keyword arguments} switches plans before that step."""
     hp = hp or mtc.AdamW(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
     reference = copy.deepcopy(model)
     call = (lambda ids, labels: {"input_ids": ids, "labels": labels}) if kwargs else (lambda ids, labels: (ids, labels))
-    example = call(*tokens(seed=1000))
+    example = call(*tokens(*shape, seed=1000))
     step = mtc.compile(model, gpu_mem=gpu_mem, example=example, optimizer=hp, clip_grad_norm=clip, device="cpu",
                        schedule=schedule)
     # fused=True: the same AdamW kernel mtc runs. The for-loop variant rounds differently, and AdamW
@@ -80,7 +81,7 @@ def run_both(model, gpu_mem, clip=None, steps=5, kwargs=False, hp=None, seed=0, 
                                   weight_decay=hp.weight_decay, fused=True)
     losses, reference_losses = [], []
     for index in range(steps):
-        batch = call(*tokens(seed=seed + index))
+        batch = call(*tokens(*shape, seed=seed + index))
         if replan and index in replan:
             step = step.replan(**replan[index])
         torch.manual_seed(index)

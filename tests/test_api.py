@@ -22,7 +22,7 @@ def test_plan_round_trips_through_json_exactly(tmp_path):
     loaded = mtc.Plan.load(path)
     assert loaded.to_json() == step.plan.to_json()
     assert str(loaded) == str(step.plan)
-    assert json.loads(path.read_text())["format"] == "mtc-plan/3"
+    assert json.loads(path.read_text())["format"] == "mtc-plan/4"
 
 
 def test_printed_plan_has_one_line_per_instruction_with_stage_slot_and_bytes():
