@@ -305,6 +305,11 @@ PRESETS: dict[str, LlamaConfig] = {
     "3b": LlamaConfig(
         vocab_size=128256, hidden=3072, layers=28, heads=24, kv_heads=8, intermediate=8192
     ),
+    # Llama-3.2-3B blocks with an 8k vocabulary: the blocks' activations, not the loss's logits, are what
+    # fills the device at large batches (token chunks then help; a fused loss will do the same for "3b").
+    "3b-8k": LlamaConfig(
+        vocab_size=8192, hidden=3072, layers=28, heads=24, kv_heads=8, intermediate=8192
+    ),
     # Llama-3-8B shape.
     "8b": LlamaConfig(
         vocab_size=128256, hidden=4096, layers=32, heads=32, kv_heads=8, intermediate=14336

@@ -132,7 +132,7 @@ def sweep(preset: str, batches: list[tuple[int, int]], budgets: list[str], sched
                     continue
                 planned = step.plan.schedule
                 row.update(slots=planned.slots, resident=len(planned.resident), kept=len(planned.keep),
-                           offloaded=len(planned.offload),
+                           offloaded=len(planned.offload), chunks=planned.chunks,
                            stages=len(planned.stages), predicted_step_s=step.plan.predicted_step_seconds(),
                            predicted_peak_bytes=planned.peak_bytes)
                 try:
@@ -165,6 +165,7 @@ def sweep_table(rows: list[dict]) -> str:
             lines.append(head + "  does not fit: " + r["does_not_fit"][:80])
             continue
         shape = f"{r['slots']}/{r['resident']}/{r['kept']}/{r['offloaded']} of {r['stages']}"
+        shape += f" x{r['chunks']}" if r.get("chunks", 1) > 1 else ""
         if "step_s" not in r:
             lines.append(head + f"{shape:>20}{r['predicted_step_s']:>10.3f}  out of memory")
             continue

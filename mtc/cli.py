@@ -187,7 +187,7 @@ def _batch_table(planned, batches: list[tuple[int, int]], gpu_mem: int, clip: bo
     symbolic, profile = planned.symbolic_costs(), planned.plan.profile
     params = sum(s.params for s in planned.costs.stages) + (planned.costs.shared.params if planned.costs.shared else 0)
     lines = [f"batch shapes on '{profile.name}' (costs from the polynomials of b and s):",
-             f"{'batch':<12}{'slots/res/keep/offload':>24}{'peak':>12}{'step (s)':>10}{'tokens/s':>12}{'TFLOP/s (6PT)':>15}"]
+             f"{'batch':<12}{'slots/res/keep/offload':>30}{'peak':>12}{'step (s)':>10}{'tokens/s':>12}{'TFLOP/s (6PT)':>15}"]
     for sequences, seq in batches:
         try:
             schedule = schedule_pass(symbolic.at(sequences, seq), gpu_mem, clip, profile=profile)
@@ -197,8 +197,9 @@ def _batch_table(planned, batches: list[tuple[int, int]], gpu_mem: int, clip: bo
             continue
         seconds = predicted_step_seconds(lower(schedule), profile)
         shape = f"{schedule.slots}/{len(schedule.resident)}/{len(schedule.keep)}/{len(schedule.offload)}"
+        shape += f" x{schedule.chunks} chunks" if schedule.chunks > 1 else ""
         tokens = sequences * seq
-        lines.append(f"{f'{sequences}x{seq}':<12}{shape:>24}{format_bytes(schedule.peak_bytes):>12}{seconds:>10.4g}"
+        lines.append(f"{f'{sequences}x{seq}':<12}{shape:>30}{format_bytes(schedule.peak_bytes):>12}{seconds:>10.4g}"
                      f"{tokens / seconds:>12,.0f}{6 * params * tokens / seconds / 1e12:>15.0f}")
     return "\n".join(lines)
 

@@ -135,8 +135,9 @@ def calibrate(step, inputs: list, warmup: int = 1) -> tuple[HardwareProfile, dic
     """The step's profile with each lane's rate scaled by predicted / measured busy time in a traced step:
     the rates this model's kernels and this host's optimizer reach inside a step, with everything else
     running beside them (the probe measures them one or two at a time; on the H100 and H200 machines of
-    BENCHMARKS.md the host AdamW reached 0.7-0.85 of its probed rate inside a step). The device AdamW rate
-    is kept unless the plan updates stages on the device. Returns the profile and what it rests on."""
+    BENCHMARKS.md the host AdamW reached 0.7-0.85 of its probed rate inside a step). The device AdamW rate,
+    which a step that updates nothing on the device cannot show, is timed on its own (as `mtc probe` does).
+    Returns the profile and what it rests on."""
     from mtc.codegen.stream_plan import busy_seconds
 
     for index in range(warmup + 1):
@@ -149,6 +150,9 @@ def calibrate(step, inputs: list, warmup: int = 1) -> tuple[HardwareProfile, dic
             "cpu": "optimizer_params_per_s"}
     scaled = {field: getattr(profile, field) * predicted[lane] / measured[lane]
               for lane, field in rate.items() if measured[lane] > 0 and predicted[lane] > 0}
+    device = step._settings["device"]
+    if device.type == "cuda":  # the spine step updates nothing on the device: time the engine's own kernel
+        scaled["gpu_optimizer_params_per_s"] = _device_adamw_rate(device, 1 << 26)
     calibrated = dataclasses.replace(profile, name=f"{profile.name}, calibrated in-step", **scaled,
                                      source=f"{profile.source}; lane rates scaled to a traced step of "
                                             f"{step.plan.header['model']} ({', '.join(step.plan.header['inputs'])})")

@@ -17,6 +17,7 @@ A search, every candidate that fits lowered and simulated on the hardware profil
 from __future__ import annotations
 
 import itertools
+import dataclasses
 from dataclasses import asdict, dataclass, field
 
 from mtc.config import OPTIMIZER_CHUNK, format_bytes
@@ -115,14 +116,15 @@ it had allocated in the H100 runs of BENCHMARKS.md (3B and 8B Llama shapes)."""
 def schedule_pass(costs: Costs, gpu_mem: int, clip: bool, slots: int | None = None,
                   resident: int | None = None, profile=None) -> Schedule:
     """Search the weight slots (1 to MAX_SLOTS, or exactly `slots`), the resident stages and the stages'
-    activation policies; keep the plan that fits and is predicted fastest on `profile`.
+    activation policies and the token chunks (chunk_counts); keep the plan that fits and is predicted
+    fastest on `profile`.
 
     Resident sets: every subset on chains of up to SUBSET_STAGES stages; on longer ones the complements
     of contiguous streamed runs (every run up to EXHAUSTIVE_STAGES, sampled beyond). A run that ends
     before the output head can beat one that ends at it: with clipping the CPU's updates then keep pace
     with the next forward instead of holding it back at its last stage. Activation policies: see
     _policies. Ties (within TIE) go to the plan that offloads fewest stages (PCIe time and host memory for
-    no gain), then streams fewest, then recomputes fewest, then has more slots. `resident=r` asks for exactly stages [0, r).
+    no gain), then has fewest token chunks, then streams fewest, then recomputes fewest, then has more slots. `resident=r` asks for exactly stages [0, r).
     """
     from mtc.codegen.stream_plan import lower, predicted_step_seconds  # the lowering predicts the plan's time
     from mtc.config import H100
@@ -132,7 +134,7 @@ def schedule_pass(costs: Costs, gpu_mem: int, clip: bool, slots: int | None = No
     slot_counts = sorted({max(1, min(k, count)) for k in ([slots] if slots else range(1, MAX_SLOTS + 1))},
                          reverse=True)
     options = []
-    for chunks in chunk_counts(costs):  # chunking only when the whole batch fits no plan
+    for chunks in chunk_counts(costs):
         seen = set()
         for k in slot_counts:
             kept_sets = [list(range(resident))] if resident is not None else _resident_sets(count)
@@ -143,16 +145,14 @@ def schedule_pass(costs: Costs, gpu_mem: int, clip: bool, slots: int | None = No
                 seen.add(key)
                 for keep, offload in _policies(costs, gpu_mem, clip, k, kept, budget, chunks):
                     plan = fixed_plan(costs, gpu_mem, clip, k, kept, keep, offload, chunks=chunks)
-                    options.append((predicted_step_seconds(lower(plan), profile or H100), len(offload),
+                    options.append((predicted_step_seconds(lower(plan), profile or H100), len(offload), chunks,
                                     count - len(kept), count - 1 - len(keep), -k, plan))
             if resident is not None and options:
                 break
-        if options:
-            break
     if not options:
         return smallest_plan(costs, gpu_mem, clip, check=True)  # raises, naming its need
     fastest = min(option[0] for option in options)
-    return min((o for o in options if o[0] <= fastest * (1 + TIE)), key=lambda o: o[1:5])[5]
+    return min((o for o in options if o[0] <= fastest * (1 + TIE)), key=lambda o: o[1:6])[6]
 
 
 POLICY_SUBSET_STAGES = 4
@@ -244,12 +244,16 @@ def smallest_plan(costs: Costs, gpu_mem: int, clip: bool, check: bool = False) -
 
 
 def chunk_counts(costs: Costs) -> list[int]:
-    """Token chunk counts worth trying, fewest first: 1, then powers of two below the batch's rows, then
-    one row a chunk; [1] when no stage can be chunked."""
+    """Token chunk counts worth searching: 1, and of 2, 4 and one row a chunk those that shrink some stage's
+    working set (a chunked plan predicts the same time as its unchunked twin: it can only win by fitting
+    where that does not)."""
     rows = max((s.rows for s in costs.stages), default=0)
-    if rows < 2:
-        return [1]
-    return [1 << i for i in range(rows.bit_length()) if 1 << i < rows] + [rows]
+    counts = [1] + sorted({c for c in (2, 4, rows) if 1 < c <= rows})
+    plain = fixed_plan(costs, 1 << 62, False, 1, [], [])
+    return [c for c in counts if c == 1 or any(
+        forward_work_bytes(chunked, i) < forward_work_bytes(plain, i)
+        or backward_work_bytes(chunked, i) < backward_work_bytes(plain, i)
+        for chunked in [dataclasses.replace(plain, chunks=c)] for i in range(len(costs.stages)))]
 
 
 def needed_gpu_mem(peak_bytes: int) -> int:
@@ -305,6 +309,8 @@ def _chunked_note(schedule: Schedule) -> str:
     chunked = [i for i in range(len(schedule.stages)) if schedule.chunks_of(i) > 1]
     if chunked:
         return f" ({len(chunked)} stages in token chunks of {-(-schedule.stages[chunked[0]].rows // schedule.chunks)} rows)"
+    if any(s.rows > 1 for s in schedule.stages):
+        return " (token chunks would not lower this peak)"
     return " (no stage can run in token chunks)"
 
 

@@ -70,9 +70,10 @@ def test_offloaded_inputs_train_exactly(name, monkeypatch):
     assert_same_training(step, reference, losses, reference_losses)
 
 
-@pytest.mark.parametrize("gpu_mem, chunks", [("5.5MB", 2), ("4.6MB", 4), ("15MB", 1)])
+@pytest.mark.parametrize("gpu_mem, chunks", [("5.8MB", 2), ("4.6MB", 4), ("15MB", 1)])
 def test_token_chunks_give_eagers_gradients_and_losses(gpu_mem, chunks):
-    """Budgets the whole batch of 4 rows fits no plan in: the blocks run in 2 or 4 token chunks (weight
+    """Tight budgets for a batch of 4 rows: at 5.8MB 2 token chunks make room for the head to stay on the
+    device; at 4.6MB the whole batch fits no plan and the blocks run one row at a time (weight
     gradients summed over the chunks, input gradients joined). A step's gradients are eager's up to the
     rounding of a different summation order (bitwise equal without chunks), and 5 steps' losses are
     eager's within 1e-5. The weights after AdamW are not compared at 1e-5: AdamW's normalisation turns

@@ -17,21 +17,27 @@ KiB = 1024
 
 
 @st.composite
-def stage_costs(draw, name):
+def stage_costs(draw, name, rows=0):
+    """rows > 1: the stage may keep the batch's rows apart (token chunks); one row's working sets are a
+    share of the batch's."""
     params = draw(st.integers(0, 4096))
     activations = draw(st.integers(0, 192 * KiB))
     saved = draw(st.integers(0, 64 * KiB))
+    forward, backward = draw(st.integers(0, 64 * KiB)), activations + draw(st.integers(0, 64 * KiB))
+    rows = rows if rows > 1 and draw(st.booleans()) else 0
+    share = draw(st.floats(0.0, 1.0)) if rows else 0.0
     return StageCost(name, "T", params, weight_bytes=2 * params, grad_bytes=4 * params,
-                     saved_bytes=saved, forward_bytes=draw(st.integers(0, 64 * KiB)),
-                     backward_bytes=activations + draw(st.integers(0, 64 * KiB)),
+                     saved_bytes=saved, forward_bytes=forward, backward_bytes=backward,
                      forward_flops=draw(st.integers(0, 10**9)), activation_bytes=activations,
-                     offload_bytes=draw(st.integers(0, saved)))
+                     offload_bytes=draw(st.integers(0, saved)), rows=rows,
+                     one_row_forward_bytes=int(forward * share), one_row_backward_bytes=int(backward * share))
 
 
 @st.composite
 def chains(draw):
     count = draw(st.integers(1, 10))
-    stages = [draw(stage_costs(f"stage{i}")) for i in range(count)]
+    rows = draw(st.sampled_from([0, 2, 3, 4]))
+    stages = [draw(stage_costs(f"stage{i}", rows)) for i in range(count)]
     shared = draw(st.none() | stage_costs("shared"))
     resident = draw(st.integers(0, 8 * KiB)) + (shared.weight_bytes + shared.grad_bytes if shared else 0)
     return Costs(stages, resident, shared, {}, ("tensor",))
@@ -238,8 +244,8 @@ def test_a_long_chain_gets_a_valid_plan_no_slower_than_streaming_everything(clip
 @settings(max_examples=40, deadline=None)
 @given(costs=chains(), gpu_mem=st.integers(1, 4 << 20), clip=st.booleans())
 def test_on_short_chains_the_scheduler_matches_a_brute_force_search(costs, gpu_mem, clip):
-    """Chains of up to 4 stages: every slot count, every resident set and every stage's activation policy
-    (keep, recompute, or offload where it has an input to offload), simulated."""
+    """Chains of up to 4 stages: every slot count, every resident set, every stage's activation policy
+    (keep, recompute, or offload where it has an input to offload) and every token chunk count, simulated."""
     count = len(costs.stages)
     if count > 4:
         return
@@ -248,14 +254,14 @@ def test_on_short_chains_the_scheduler_matches_a_brute_force_search(costs, gpu_m
     subsets = lambda items: [list(c) for n in range(len(items) + 1) for c in itertools.combinations(items, n)]  # noqa: E731
     policies = itertools.product(*[("keep", "recompute", "offload") for _ in range(count - 1)])
     policies = [p for p in policies if all(costs.stages[i].offload_bytes or x != "offload" for i, x in enumerate(p))]
-    for slots in range(1, 5):
-        for kept in subsets(range(count)):
-            for policy in policies:
-                keep = [i for i, p in enumerate(policy) if p == "keep"]
-                offload = [i for i, p in enumerate(policy) if p == "offload"]
-                schedule = fixed_plan(costs, gpu_mem, clip, min(slots, count), kept, keep, offload)
-                if schedule.peak_bytes <= budget:
-                    times.append(predicted_step_seconds(lower(schedule), H100))
+    rows = max(s.rows for s in costs.stages)
+    for slots, kept, policy, chunks in itertools.product(range(1, 5), subsets(range(count)), policies,
+                                                         range(1, max(rows, 1) + 1)):
+        keep = [i for i, p in enumerate(policy) if p == "keep"]
+        offload = [i for i, p in enumerate(policy) if p == "offload"]
+        schedule = fixed_plan(costs, gpu_mem, clip, min(slots, count), kept, keep, offload, chunks=chunks)
+        if schedule.peak_bytes <= budget:
+            times.append(predicted_step_seconds(lower(schedule), H100))
     try:
         chosen = predicted_step_seconds(lower(schedule_pass(costs, gpu_mem, clip)), H100)
     except MemoryBudgetError:
