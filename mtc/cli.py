@@ -52,7 +52,7 @@ def main(argv=None) -> int:
                        help="where to write it (default: ~/.cache/mtc/profile-<device>.json, or $MTC_PROFILE)")
     probe.add_argument("--quick", action="store_true", help="small sizes: seconds instead of a minute, rougher")
     probe.add_argument("--cpu-threads", type=int, default=None,
-                       help="threads for the CPU optimizer (default: all cores but two)")
+                       help="threads for the CPU optimizer (default: all cores but four)")
     probe.add_argument("--calibrate", metavar="PRESET", default=None,
                        help="then train PRESET's spine plan a few steps (GPU) and save the rates its step showed")
     probe.add_argument("--batch", default="2x4096", help="batch for --calibrate (default 2x4096)")
@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     bench.add_argument("--trace", metavar="PATH", help="write two measured steps as a Chrome/Perfetto trace")
     bench.add_argument("--json", metavar="PATH", help="write every figure as JSON")
     bench.add_argument("--cpu-threads", type=int, default=None,
-                       help="threads for the CPU optimizer (default: all cores but two)")
+                       help="threads for the CPU optimizer (default: all cores but four)")
     bench.add_argument("--no-calibrate", action="store_true",
                        help="a sweep (as --schedule) planned on the saved profile, without first timing the spine plan")
     bench.add_argument("--schedule", default=None, metavar="solve,spine",

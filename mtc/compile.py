@@ -29,7 +29,7 @@ def compile(model: torch.nn.Module, gpu_mem="80GB", example=None, optimizer: Ada
 
     A model built on the meta device is initialised block by block straight into the host store:
     `init(module)` initialises one module's own parameters and buffers (default: its
-    reset_parameters()). cpu_threads: threads for the CPU optimizer (default: all cores but two; on a GPU
+    reset_parameters()). cpu_threads: threads for the CPU optimizer (default: all cores but four; on a GPU
     this is torch.set_num_threads, which is process-wide).
     profile: the hardware the plan is simulated on: a HardwareProfile, a shipped name ("h100", "h200",
     "a100", "rtx4090", "cpu") or a saved profile's path (default: what `mtc probe` saved for this device,
