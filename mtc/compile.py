@@ -143,6 +143,7 @@ def plan(model, gpu_mem="80GB", example=None, clip: bool = False, device=None, c
     header = {"model": type(model).__name__, "tracer": traced.tracer, "device": str(device),
               "compute_dtype": str(compute_dtype).replace("torch.", ""), "chain": partition.chain,
               "profile": profile.to_json(), "passes": timings, "host_bytes": host_bytes, "host_mem": host_mem,
+              "not_chunkable": {s.name: r.why_not for s, r in zip(partition.stages, costs.row_axes) if r.why_not},
               "inputs": [_describe(v) for v in inputs]}
     planned = Planned(plan=Plan(header, templates, stream_plan), traced=traced, partition=partition, costs=costs,
                       params=params, buffers=buffers, compute_dtype=compute_dtype, device=device, inputs=inputs,

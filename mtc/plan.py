@@ -79,6 +79,7 @@ class Plan:
             f"and the last; {len(schedule.offload)} offload their input to the host{_ranges(schedule.offload, ' ')}; "
             f"{len(schedule.stages) - len(schedule.keep) - len(schedule.offload) - 1} recompute from their input"
             + _chunks_line(schedule),
+            _row_check_line(schedule, h.get("not_chunkable", {})),
             f"device peak {format_bytes(schedule.peak_bytes)} of {format_bytes(schedule.gpu_mem)}",
             f"per step: {format_bytes(sum(i.bytes for i in self.stream_plan.on('h2d')))} in, "
             f"{format_bytes(sum(i.bytes for i in self.stream_plan.on('d2h')))} out; profile '{profile.name}' "
@@ -97,6 +98,17 @@ class Plan:
 
     def __str__(self) -> str:
         return self.summary() + "\n\n" + str(self.stream_plan)
+
+
+def _row_check_line(schedule, not_chunkable: dict) -> str:
+    """Which stages could run in token chunks, and the first reason each template of the others gives."""
+    can = sum(s.rows > 1 for s in schedule.stages)
+    reasons = {}
+    for name, why in not_chunkable.items():
+        template = next(s.template for s in schedule.stages if s.name == name)
+        reasons.setdefault(template, f"{name}: {why}")
+    text = f"token chunks: {can} of {len(schedule.stages)} stages could run in them"
+    return text + (f"; not {'; '.join(reasons.values())}" if reasons else "")
 
 
 def _chunks_line(schedule) -> str:

@@ -43,6 +43,11 @@ RANDOM = {torch.rand, torch.randn, torch.randint, torch.rand_like, torch.randn_l
           "random_", "exponential_", "multinomial"}
 """Random draws that do not depend on the rows: a chunked stage would still draw them once per chunk."""
 RESHAPES = {torch.reshape, "view", "reshape"}
+LAYOUT = RESHAPES | {
+    "cat", torch.cat, "stack", torch.stack, "transpose", torch.transpose, "swapaxes", "permute", torch.permute,
+    "unsqueeze", torch.unsqueeze, "flatten", torch.flatten, "unflatten", "expand", "expand_as",
+    "repeat_interleave", torch.repeat_interleave, "chunk", torch.chunk, "split", torch.split, "tensor_split"}
+"""Ops that move, merge or split axes: the row axis follows them (_layout)."""
 SIZED_BY = RESHAPES | {"expand", "unflatten", operator.getitem, "size"}
 """Ops that may take sizes read off a row-carrying tensor (as `x.view(x.shape[0], ...)` does)."""
 
@@ -196,6 +201,8 @@ class RowAxes:
         return _index(value, axis, index)
 
     def _layout(self, target, args, kwargs, axes, kwaxes, result):
+        if target not in LAYOUT:
+            raise Mixes("is not an operation the row check knows")
         if target in ("cat", torch.cat, "stack", torch.stack):
             tensors, parts = args[0], axes[0]
             dim = _arg(args, kwargs, 1, "dim", 0)
