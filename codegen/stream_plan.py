@@ -171,12 +171,17 @@ def lower(schedule: Schedule) -> StreamPlan:
     if schedule.clip:
         # The global norm, on the device right after the last backward (per-parameter norms were taken
         # as each gradient was made). Updates follow in the order the next step's forward reads them.
+        # The host's updates are listed (so issued) before the device's: issuing a device update launches
+        # kernels chunk by chunk from the issuing thread, which would hold the host's back (measured on a
+        # 3B plan, 26 resident stages: the first host update started 26 ms after the clip).
         clip = emit("compute", "clip", None)
-        for stage in sorted(copy_out_of.keys() | resident, key=lambda s: (s != SHARED, s)):
+        in_read_order = sorted(copy_out_of.keys() | resident, key=lambda s: (s != SHARED, s))
+        for stage in in_read_order:
+            if stage not in resident:
+                optimizers[stage] = emit("cpu", "optimizer", stage, waits=[clip.id, copy_out_of[stage].id])
+        for stage in in_read_order:
             if stage in resident:
                 optimizers[stage] = _emit_gpu_update(emit, backward_of[stage])
-            else:
-                optimizers[stage] = emit("cpu", "optimizer", stage, waits=[clip.id, copy_out_of[stage].id])
     first_copy_in = {}
     for instr in instrs:
         if instr.op == "copy_in":
