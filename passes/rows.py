@@ -33,6 +33,10 @@ REDUCTIONS = {torch.mean, torch.sum, torch.amax, torch.amin, torch.var, torch.st
 ALONG_AXIS = {F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, torch.cumsum, F.normalize,
               "softmax", "log_softmax", "cumsum"}
 """Ops that work along one axis and keep the shape: that axis must not be the row axis."""
+DIM_AT = {torch.norm: 2, "norm": 2, F.normalize: 2}
+"""Where `dim` sits among the positional arguments when not second (after p); keepdim follows it, except
+for var and std, whose positional form puts `unbiased` between."""
+KEEPDIM_AT = {torch.norm: 3, "norm": 3, torch.var: 3, "var": 3, torch.std: 3, "std": 3}
 NORMS = {F.layer_norm, "layer_norm", "rms_norm"} | ({F.rms_norm} if hasattr(F, "rms_norm") else set())
 LINEAR = {F.linear, torch._C._nn.linear, "linear"}
 MATMUL = {operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm", "mm"}
@@ -310,13 +314,13 @@ def _leading(operands, out_dim: int, matrix_dims: int) -> int:
 
 def _reduction(target, args, kwargs, axis) -> int:
     x = args[0]
-    dims = _arg(args, kwargs, 1, "dim", None)
+    dims = _arg(args, kwargs, DIM_AT.get(target, 1), "dim", None)
     if dims is None:
         raise Mixes("reduces over every axis, the row axis too")
     dims = [d % x.dim() for d in ([dims] if isinstance(dims, int) else dims)]
     if axis in dims:
         raise Mixes("works along the row axis")
-    if target in ALONG_AXIS or _arg(args, kwargs, 2, "keepdim", False):
+    if target in ALONG_AXIS or _arg(args, kwargs, KEEPDIM_AT.get(target, 2), "keepdim", False):
         return axis
     return axis - sum(d < axis for d in dims)
 

@@ -28,6 +28,21 @@ class CentredOverBatch(Rowwise):
         return self.proj(x - x.mean(0))
 
 
+class NormOverBatch(Rowwise):
+    """torch.norm(x, p, dim): the dim comes third."""
+
+    def forward(self, x):
+        return self.proj(x / torch.norm(x, 2, 0, True))
+
+
+class VarianceKeptOverSequence(Rowwise):
+    """var(dim, unbiased, keepdim) positionally: the rows stay on axis 0 only because keepdim is read right."""
+
+    def forward(self, x):
+        seq_major = x.transpose(0, 1)  # the rows on axis 1, after the reduced axis
+        return self.proj((seq_major / seq_major.var(0, False, True)).transpose(0, 1))
+
+
 class SeqMajorFlatten(Rowwise):
     def forward(self, x):
         return self.proj(x.transpose(0, 1).flatten(0, 1)).view(x.shape[1], x.shape[0], -1).transpose(0, 1)
@@ -65,6 +80,11 @@ def test_a_batch_of_one_row_has_nothing_to_chunk():
     assert chunk_counts(planned.costs) == [1]
 
 
+def test_reductions_read_their_dim_and_keepdim_where_each_op_puts_them():
+    rows, axes = row_axes(LM(VarianceKeptOverSequence))["blocks.1"]
+    assert rows == 2 and axes.why_not is None and axes.outputs == [0]
+
+
 def test_rows_merged_with_the_sequence_stay_apart():
     rows, axes = row_axes(LM(Rowwise))["blocks.1"]
     assert rows == 2 and axes.why_not is None and axes.inputs == [0] and axes.outputs == [0]
@@ -72,6 +92,7 @@ def test_rows_merged_with_the_sequence_stay_apart():
 
 @pytest.mark.parametrize("block, why", [
     (CentredOverBatch, "(mean) works along the row axis"),
+    (NormOverBatch, "(norm) works along the row axis"),
     (SeqMajorFlatten, "(flatten) flattens the row axis into an axis outside it"),
     (RowIndex, "(arange) makes a tensor sized by the batch"),
     (Noisy, "(dropout) draws random numbers"),
