@@ -112,12 +112,11 @@ def _row_check_line(schedule, not_chunkable: dict) -> str:
 
 
 def _chunks_line(schedule) -> str:
-    chunked = [i for i in range(len(schedule.stages)) if schedule.chunks_of(i) > 1]
+    chunked = schedule.chunked()
     if not chunked:
         return ""
-    rows = schedule.stages[chunked[0]].rows
-    return (f"; {len(chunked)} run in {schedule.chunks} token chunks of {-(-rows // schedule.chunks)} of the "
-            f"batch's {rows} rows {_ranges(chunked)} (marked /{schedule.chunks})")
+    return (f"; {len(chunked)} run in {schedule.chunks} token chunks of {schedule.rows_per_chunk()} of the "
+            f"batch's {schedule.stages[chunked[0]].rows} rows {_ranges(chunked)} (marked /{schedule.chunks})")
 
 
 def _ranges(indices: list[int], before: str = "") -> str:

@@ -91,6 +91,15 @@ class Schedule:
         rows = self.stages[stage].rows
         return min(self.chunks, rows) if rows > 1 and self.policy(stage) != "keep" else 1
 
+    def chunked(self) -> list[int]:
+        """The stages that run in token chunks."""
+        return [i for i in range(len(self.stages)) if self.chunks_of(i) > 1]
+
+    def rows_per_chunk(self) -> int:
+        """Rows of the batch in one token chunk (the batch's rows when nothing is chunked)."""
+        rows = max((s.rows for s in self.stages), default=0)
+        return -(-rows // self.chunks)
+
     def to_json(self) -> dict:
         return asdict(self)
 
@@ -306,9 +315,9 @@ def fixed_plan(costs: Costs, gpu_mem: int, clip: bool, slots: int, resident: lis
 
 
 def _chunked_note(schedule: Schedule) -> str:
-    chunked = [i for i in range(len(schedule.stages)) if schedule.chunks_of(i) > 1]
+    chunked = schedule.chunked()
     if chunked:
-        return f" ({len(chunked)} stages in token chunks of {-(-schedule.stages[chunked[0]].rows // schedule.chunks)} rows)"
+        return f" ({len(chunked)} stages in token chunks of {schedule.rows_per_chunk()} rows)"
     if any(s.rows > 1 for s in schedule.stages):
         return " (token chunks would not lower this peak)"
     return " (no stage can run in token chunks)"
