@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import re
+import statistics
 import tempfile
 import threading
 import time
@@ -143,7 +144,7 @@ def calibrate(step, inputs: list, warmup: int = 1) -> tuple[HardwareProfile, dic
     for index in range(warmup + 1):
         step(*inputs[index % len(inputs)])
     step.synchronize()
-    measured = lane_seconds(step, inputs)
+    measured = lane_seconds(step, inputs, steps=CALIBRATION_STEPS)
     profile = step.plan.profile
     predicted = busy_seconds(step.plan.stream_plan, profile)
     rate = {"h2d": "h2d_bytes_per_s", "d2h": "d2h_bytes_per_s", "compute": "flops_per_s",
@@ -160,17 +161,27 @@ def calibrate(step, inputs: list, warmup: int = 1) -> tuple[HardwareProfile, dic
                         "measured_busy_s": measured, "predicted_busy_s": predicted}
 
 
-def lane_seconds(step, inputs: list) -> dict:
-    """Busy seconds per stream in the second of two traced steps."""
+CALIBRATION_STEPS = 4
+"""Steps a calibration's lane rates are the median of: on the H200 machines (2026-11-22) the host AdamW lane
+of one plan varied by 10-20% from step to step and from minute to minute, and one step's rate had set
+every row's prediction."""
+
+
+def lane_seconds(step, inputs: list, steps: int = 1) -> dict:
+    """Busy seconds per stream, the median over `steps` traced steps after a first traced one."""
     from mtc.codegen.stream_plan import STREAMS
 
     engine = step._engine
     engine.start_trace()
-    for index in range(2):
+    for index in range(steps + 1):
         step(*inputs[index % len(inputs)])
     rows = engine.stop_trace()
-    last = max(r[0] for r in rows)
-    return {stream: sum(end - start for s, instr, start, end in rows if s == last and instr.stream == stream)
+    first = min(r[0] for r in rows)
+    busy = {(s, stream): 0.0 for s in range(first + 1, first + steps + 1) for stream in STREAMS}
+    for s, instr, start, end in rows:
+        if s > first:
+            busy[s, instr.stream] += end - start
+    return {stream: statistics.median(busy[s, stream] for s in range(first + 1, first + steps + 1))
             for stream in STREAMS}
 
 

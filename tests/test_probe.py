@@ -91,6 +91,28 @@ def test_calibration_scales_each_lane_to_what_the_step_measured():
     assert set(report["measured_busy_s"]) == set(STREAMS) and "calibrated in-step" in calibrated.name
 
 
+def test_lane_seconds_are_the_median_of_the_traced_steps_after_the_first():
+    """A slow step (or a slow first one) does not set the rates: the median of the steps after the first."""
+    from types import SimpleNamespace
+
+    cpu, compute = SimpleNamespace(stream="cpu"), SimpleNamespace(stream="compute")
+    seconds = {7: 9.0, 8: 2.0, 9: 5.0, 10: 1.0}  # step -> host update seconds; step 7 is the first traced
+
+    class Engine:
+        def start_trace(self):
+            self.steps = []
+
+        def stop_trace(self):
+            return [row for s in self.steps for row in ((s, cpu, 0.0, seconds[s] / 2), (s, cpu, 1.0, 1.0 + seconds[s] / 2),
+                                                        (s, compute, 0.0, 0.25))]
+
+    engine = Engine()
+    step = type("Step", (), {"_engine": engine, "__call__": lambda self, *a: engine.steps.append(7 + len(engine.steps))})()
+    busy = probe.lane_seconds(step, [()], steps=3)
+    assert busy["cpu"] == 2.0 and busy["compute"] == 0.25 and busy["h2d"] == 0.0
+    assert len(engine.steps) == 4
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--calibrate", "nope"], "--calibrate='nope' is not a preset"),
     (["--calibrate", "tiny"], "--calibrate times a step on the GPU"),
