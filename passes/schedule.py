@@ -135,33 +135,43 @@ def schedule_pass(costs: Costs, gpu_mem: int, clip: bool, slots: int | None = No
     _policies. Ties (within TIE) go to the plan that offloads fewest stages (PCIe time and host memory for
     no gain), then has fewest token chunks, then streams fewest, then recomputes fewest, then has more slots. `resident=r` asks for exactly stages [0, r).
     """
-    from mtc.codegen.stream_plan import lower, predicted_step_seconds  # the lowering predicts the plan's time
+    from mtc.codegen.stream_plan import lower, lower_bound_seconds, predicted_step_seconds
     from mtc.config import H100
 
+    profile = profile or H100
     budget = int(gpu_mem * (1 - ALLOCATOR_HEADROOM))
     count = len(costs.stages)
     slot_counts = sorted({max(1, min(k, count)) for k in ([slots] if slots else range(1, MAX_SLOTS + 1))},
                          reverse=True)
-    options = []
+    kept_sets = [list(range(resident))] if resident is not None else _resident_sets(count)
+    # The busiest lane of a resident set's plan that keeps every activation: no policy, slot count or
+    # chunking of that set is predicted faster (recompute and offload only add work, chunks none).
+    bound = {tuple(kept): lower_bound_seconds(lower(fixed_plan(costs, gpu_mem, clip, 1, kept, range(count))),
+                                              profile) for kept in kept_sets}
+    candidates, seen = [], set()
     for chunks in chunk_counts(costs):
-        seen = set()
         for k in slot_counts:
-            kept_sets = [list(range(resident))] if resident is not None else _resident_sets(count)
             for kept in kept_sets:
-                key = (min(k, count - len(kept)), tuple(kept))  # fewer streamed stages than slots: the same plan
-                if key in seen:
-                    continue
-                seen.add(key)
-                for keep, offload in _policies(costs, gpu_mem, clip, k, kept, budget, chunks):
-                    plan = fixed_plan(costs, gpu_mem, clip, k, kept, keep, offload, chunks=chunks)
-                    options.append((predicted_step_seconds(lower(plan), profile or H100), len(offload), chunks,
-                                    count - len(kept), count - 1 - len(keep), -k, plan))
-            if resident is not None and options:
-                break
+                key = (chunks, min(k, count - len(kept)), tuple(kept))  # fewer streamed than slots: the same plan
+                if key not in seen:
+                    seen.add(key)
+                    candidates.append((bound[tuple(kept)], len(candidates), chunks, k, kept))
+    options, predicted = [], {}
+    fastest = float("inf")
+    for least, order, chunks, k, kept in sorted(candidates):  # likeliest first; the order breaks exact ties
+        if least > fastest * (1 + TIE):
+            break  # neither this nor any later candidate can be within TIE of the fastest
+        for keep, offload in _policies(costs, gpu_mem, clip, k, kept, budget, chunks):
+            plan = fixed_plan(costs, gpu_mem, clip, k, kept, keep, offload, chunks=chunks)
+            twin = (plan.slots, tuple(kept), tuple(plan.keep), tuple(plan.offload))  # chunked or not: same time
+            if twin not in predicted:
+                predicted[twin] = predicted_step_seconds(lower(plan), profile)
+            fastest = min(fastest, predicted[twin])
+            options.append((predicted[twin], len(offload), chunks, count - len(kept), count - 1 - len(keep), -k,
+                            order, plan))
     if not options:
         return smallest_plan(costs, gpu_mem, clip, check=True)  # raises, naming its need
-    fastest = min(option[0] for option in options)
-    return min((o for o in options if o[0] <= fastest * (1 + TIE)), key=lambda o: o[1:6])[6]
+    return min((o for o in options if o[0] <= fastest * (1 + TIE)), key=lambda o: o[1:7])[7]
 
 
 POLICY_SUBSET_STAGES = 4
