@@ -1,5 +1,5 @@
 """`mtc bench`: train a preset on the GPU, measure where the step's time goes, and compare it with the
-same model trained GPU-resident by eager PyTorch in the same process.
+same model and batch trained by the peers (mtc.examples.baselines), each in a process of its own.
 
 What is counted (printed with the results too):
 - tokens/s: batch x sequence tokens per step / seconds per step in steady state: steps issued back to
@@ -12,14 +12,21 @@ What is counted (printed with the results too):
   the measured pinned host-to-device rate, bytes copied out / the device-to-host rate, the CPU
   optimizer's busy time; achieved/bound = bound / measured step time.
 - optimizer hidden: the share of the CPU optimizer's busy time during which the compute stream was busy.
-- memory: the mtc run is held to gpu_mem with torch.cuda.set_per_process_memory_fraction.
+- memory: the mtc run is held to gpu_mem with torch.cuda.set_per_process_memory_fraction; the baselines
+  may use the whole device.
+- loss: whether every timed step's loss was finite, and whether the last was below the first.
 """
 from __future__ import annotations
 
 import gc
 import json
+import math
+import os
 import resource
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
 import torch
@@ -36,8 +43,10 @@ GB = 1e9
 
 
 def run(preset: str, batch: tuple[int, int], gpu_mem: str = "80GB", steps: int = 5, warmup: int = 2,
-        clip: float | None = 1.0, vs_eager: bool = False, trace_path: str | None = None,
+        clip: float | None = 1.0, vs: tuple[str, ...] = (), trace_path: str | None = None,
         cpu_threads: int | None = None) -> dict:
+    """mtc on `preset` at `batch`, then each baseline named in `vs` (mtc.examples.baselines.BASELINES) in a
+    process of its own, once this process has let go of mtc's host and device memory."""
     if not torch.cuda.is_available():
         raise RuntimeError("mtc bench measures a GPU and torch sees none")
     device = torch.device("cuda", torch.cuda.current_device())
@@ -68,10 +77,11 @@ def run(preset: str, batch: tuple[int, int], gpu_mem: str = "80GB", steps: int =
             "resident_stages": len(step.plan.schedule.resident), "stages": len(step.plan.schedule.stages),
             "cpu_threads": step._engine.cpu_threads}
     mine["host_rss_added_bytes_per_param"] = (_rss_bytes() - rss_before) / params
-    mine.update(_time_steps(lambda i, step=step: step(*inputs[i % 2]), step.synchronize, steps, warmup, tokens, params,
+    mine.update(time_steps(lambda i, step=step: step(*inputs[i % 2]), step.synchronize, steps, warmup, tokens, params,
                             device))
     mine.update(_traced_steps(step, inputs, result["ceilings"], mine["step_s"], trace_path))
-    mine["peak_host_rss_bytes"] = _peak_rss_bytes()
+    mine["peak_host_rss_bytes"] = peak_rss_bytes()
+    mine["peak_host_rss_bytes_per_param"] = mine["peak_host_rss_bytes"] / params
     mine["within_gpu_mem"] = mine["peak_gpu_reserved_bytes"] <= parse_bytes(gpu_mem, "gpu_mem")
     result["mtc"] = mine
     del step, store, model
@@ -79,10 +89,32 @@ def run(preset: str, batch: tuple[int, int], gpu_mem: str = "80GB", steps: int =
     torch.cuda.empty_cache()
     torch.cuda.set_per_process_memory_fraction(1.0, device)
 
-    if vs_eager:
-        result["eager"] = _eager(preset, inputs, clip, steps, warmup, tokens, params, device)
-        if "step_s" in result["eager"]:
-            result["ratio_to_eager"] = result["eager"]["step_s"] / mine["step_s"]
+    result["vs"] = {name: baseline(name, preset, batch, steps, warmup, clip) for name in vs}
+    for name, theirs in result["vs"].items():
+        if "step_s" in theirs:
+            theirs["mtc_speedup"] = theirs["step_s"] / mine["step_s"]
+    return result
+
+
+def baseline(name: str, preset: str, batch: tuple[int, int], steps: int, warmup: int, clip: float | None) -> dict:
+    """One baseline's figures, from a process of its own: {"not_installed": why} when its package is
+    missing, {"does_not_fit": ...} when it runs out of device memory, {"failed": ...} on any other error."""
+    from mtc.examples.baselines import BASELINES
+
+    if name not in BASELINES:
+        raise ValueError(f"baseline={name!r} is not known; expected one of {', '.join(BASELINES)}")
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "result.json")
+        command = [sys.executable, "-m", f"mtc.examples.baselines.{BASELINES[name]}", "--preset", preset,
+                   "--batch", f"{batch[0]}x{batch[1]}", "--steps", str(steps), "--warmup", str(warmup),
+                   "--clip", str(clip or 0), "--json", path]
+        started = time.perf_counter()
+        done = subprocess.run(command, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
+        if done.returncode != 0 or not os.path.exists(path):
+            return {"failed": f"exit status {done.returncode}: " + " | ".join(done.stderr.strip().splitlines()[-3:])}
+        with open(path) as f:
+            result = json.load(f)
+    result["process_s"] = time.perf_counter() - started
     return result
 
 
@@ -136,7 +168,7 @@ def sweep(preset: str, batches: list[tuple[int, int]], budgets: list[str], sched
                            stages=len(planned.stages), predicted_step_s=step.plan.predicted_step_seconds(),
                            predicted_peak_bytes=planned.peak_bytes)
                 try:
-                    row.update(_time_steps(lambda i, step=step, inputs=inputs: step(*inputs[i % 2]), step.synchronize,
+                    row.update(time_steps(lambda i, step=step, inputs=inputs: step(*inputs[i % 2]), step.synchronize,
                                            steps, warmup, sequences * seq, params, device))
                 except torch.OutOfMemoryError as error:
                     row["out_of_memory"] = str(error).splitlines()[0]
@@ -183,7 +215,7 @@ def _ceilings(device) -> dict:
     return {"h2d_bytes_per_s": rates["h2d"], "d2h_bytes_per_s": rates["d2h"], "both_bytes_per_s": rates["both"]}
 
 
-def _time_steps(one_step, synchronize, steps, warmup, tokens, params, device) -> dict:
+def time_steps(one_step, synchronize, steps, warmup, tokens, params, device) -> dict:
     """Steady state: the clock runs from the device finishing one step to it finishing `steps` more, so
     the CPU updates that overlap the next step are counted once, as they are in a long run."""
     for index in range(warmup):
@@ -209,8 +241,10 @@ def _time_steps(one_step, synchronize, steps, warmup, tokens, params, device) ->
     # Counted before the losses are read: loss.item() stages through a pinned buffer of its own.
     allocations = {"device_mallocs_while_timed": torch.cuda.memory_stats(device).get("segment.all.allocated", 0)
                    - segments, "pinned_allocs_while_timed": (_host_allocations() - host) if host is not None else None}
+    losses = [float(loss) for loss in losses]
     return {"step_s": seconds, "mean_step_s": mean, "tokens_per_s": tokens / seconds,
-            "model_tflops": 6 * params * tokens / seconds / 1e12, "losses": [float(loss) for loss in losses],
+            "model_tflops": 6 * params * tokens / seconds / 1e12, "losses": losses,
+            "loss_finite": all(math.isfinite(loss) for loss in losses), "loss_fell": losses[-1] < losses[0],
             "peak_gpu_allocated_bytes": torch.cuda.max_memory_allocated(device),
             "peak_gpu_reserved_bytes": torch.cuda.max_memory_reserved(device), **allocations}
 
@@ -271,83 +305,55 @@ def measured_chrome_trace(rows, plan) -> dict:
     return {"traceEvents": events, "displayTimeUnit": "ms"}
 
 
-class _Checkpointed(torch.nn.Module):
-    """The eager baseline's recompute policy: a block's internals recomputed in backward, as mtc does."""
-
-    def __init__(self, block):
-        super().__init__()
-        self.block = block
-
-    def forward(self, *args):
-        return torch.utils.checkpoint.checkpoint(self.block, *args, use_reentrant=False)
-
-
-def _eager(preset, inputs, clip, steps, warmup, tokens, params, device) -> dict:
-    """The ceiling: the same model GPU-resident (fp32 master, bf16 autocast, fused AdamW on the GPU)."""
-    try:
-        model = models.build(preset, device=device)
-        model.layers = torch.nn.ModuleList(_Checkpointed(block) for block in model.layers)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-
-        def one_step(index):
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = model(*inputs[index % 2])
-            loss.backward()
-            if clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            return loss.detach()
-
-        return _time_steps(one_step, lambda: torch.cuda.synchronize(device), steps, warmup, tokens, params, device)
-    except torch.OutOfMemoryError as error:
-        return {"does_not_fit": str(error).splitlines()[0]}
-    finally:
-        model = optimizer = None
-        gc.collect()
-        torch.cuda.empty_cache()
-
-
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
-def _peak_rss_bytes() -> int:
+def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def table(result: dict) -> str:
-    mine, eager = result["mtc"], result.get("eager", {})
-    rows = [("step (s)", f"{mine['step_s']:.3f}", _get(eager, "step_s", "{:.3f}")),
-            ("tokens/s", f"{mine['tokens_per_s']:,.0f}", _get(eager, "tokens_per_s", "{:,.0f}")),
-            ("model TFLOP/s (6PT)", f"{mine['model_tflops']:.0f}", _get(eager, "model_tflops", "{:.0f}")),
-            ("peak GPU allocated", format_bytes(mine["peak_gpu_allocated_bytes"]),
-             _get(eager, "peak_gpu_allocated_bytes", None)),
-            ("peak GPU reserved (within gpu_mem?)",
-             f"{format_bytes(mine['peak_gpu_reserved_bytes'])} {'yes' if mine['within_gpu_mem'] else 'NO'}",
-             _get(eager, "peak_gpu_reserved_bytes", None)),
-            ("device mallocs / pinned allocs while timed",
-             f"{mine['device_mallocs_while_timed']} / {mine['pinned_allocs_while_timed']}", "")]
+    """mtc and each baseline side by side; a baseline that did not run says why in its column's note."""
+    systems = {"mtc": result["mtc"], **result.get("vs", {})}
+    rows = [("step (s)", "step_s", "{:.3f}"), ("tokens/s", "tokens_per_s", "{:,.0f}"),
+            ("model TFLOP/s (6PT)", "model_tflops", "{:.0f}"), ("mtc speedup (their step / mtc's)", "mtc_speedup", "{:.2f}x"),
+            ("peak GPU allocated", "peak_gpu_allocated_bytes", None), ("peak GPU reserved", "peak_gpu_reserved_bytes", None),
+            ("peak host RSS", "peak_host_rss_bytes", None), ("peak host RSS / param (B)", "peak_host_rss_bytes_per_param", "{:.1f}"),
+            ("loss finite / fell", None, None)]
+    width = 16
     lines = [f"mtc bench {result['preset']} {result['batch']} gpu_mem={result['gpu_mem']} clip={result['clip']} "
              f"on {result['device']} ({result['date']})",
-             f"{'':<44}{'mtc':>14}{'eager':>14}"]
-    lines += [f"{name:<44}{a:>14}{b:>14}" for name, a, b in rows]
-    if "ratio_to_eager" in result:
-        lines.append(f"mtc / eager tokens/s: {result['ratio_to_eager']:.3f}")
-    elif eager:
-        lines.append(f"eager: {eager.get('does_not_fit', '')}")
+             f"{'':<36}" + "".join(f"{name:>{width}}" for name in systems)]
+    for label, key, form in rows:
+        if key is None:
+            cells = [f"{_yes(s['loss_finite'])} / {_yes(s['loss_fell'])}" if "loss_finite" in s else "-"
+                     for s in systems.values()]
+        else:
+            cells = [_get(s, key, form) for s in systems.values()]
+        lines.append(f"{label:<36}" + "".join(f"{cell:>{width}}" for cell in cells))
+    for name, theirs in systems.items():
+        why = theirs.get("not_installed") or theirs.get("does_not_fit") or theirs.get("failed")
+        if why:
+            status = next(k for k in ("not_installed", "does_not_fit", "failed") if k in theirs).replace("_", " ")
+            lines.append(f"{name}: {status}: {why}")
+    mine = result["mtc"]
     bounds = ", ".join(f"{k} {v:.3f}" for k, v in mine["bounds_s"].items())
-    lines += [f"lower bound {mine['lower_bound_s']:.3f} s ({mine['bound_by']}; {bounds}); "
-              f"achieved/bound {mine['achieved_over_bound']:.2f}",
-              f"H2D {mine['h2d_gb_per_s_average']:.1f} GB/s average, {mine['h2d_gb_per_s_while_copying']:.1f} "
+    lines += [f"mtc: lower bound {mine['lower_bound_s']:.3f} s ({mine['bound_by']}; {bounds}); "
+              f"achieved/bound {mine['achieved_over_bound']:.2f}; within gpu_mem: {_yes(mine['within_gpu_mem'])}",
+              f"mtc: H2D {mine['h2d_gb_per_s_average']:.1f} GB/s average, {mine['h2d_gb_per_s_while_copying']:.1f} "
               f"while copying; D2H {mine['d2h_gb_per_s_average']:.1f} / {mine['d2h_gb_per_s_while_copying']:.1f}; "
-              f"optimizer hidden {100 * mine['optimizer_hidden_fraction']:.0f}%",
-              f"host: state {mine['host_state_bytes_per_param']:.2f} B/param, RSS added by compile "
-              f"{mine['host_rss_added_bytes_per_param']:.2f} B/param, peak RSS "
-              f"{format_bytes(mine['peak_host_rss_bytes'])}; {mine['slots']} slots, {mine['cpu_threads']} "
+              f"optimizer hidden {100 * mine['optimizer_hidden_fraction']:.0f}%; device mallocs / pinned allocs "
+              f"while timed {mine['device_mallocs_while_timed']} / {mine['pinned_allocs_while_timed']}",
+              f"mtc: host state {mine['host_state_bytes_per_param']:.2f} B/param, RSS added by compile "
+              f"{mine['host_rss_added_bytes_per_param']:.2f} B/param; {mine['slots']} slots, {mine['cpu_threads']} "
               f"optimizer threads"]
     return "\n".join(lines)
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "NO"
 
 
 def _get(values: dict, key: str, form: str | None) -> str:

@@ -61,12 +61,14 @@ def main(argv=None) -> int:
     show = commands.add_parser("show", help="print a saved plan")
     show.add_argument("path")
 
-    bench = commands.add_parser("bench", help="time a preset on the GPU; --vs eager compares with the "
-                                              "same model GPU-resident")
+    bench = commands.add_parser("bench", help="time a preset on the GPU; --vs compares with the peers on the "
+                                              "same model and batch")
     _model_arguments(bench, batch="4x4096", gpu_mem="80GB", preset="3b")
     bench.add_argument("--steps", type=int, default=5, help="timed steps (default 5)")
     bench.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
-    bench.add_argument("--vs", choices=["eager"], help="also time eager PyTorch, GPU-resident, in this process")
+    bench.add_argument("--vs", default="", metavar="eager,deepspeed,fsdp",
+                       help="then train the same model and batch with each of these, each in a process of its own "
+                            "(a missing package is reported as not installed); see examples/baselines/README.md")
     bench.add_argument("--trace", metavar="PATH", help="write two measured steps as a Chrome/Perfetto trace")
     bench.add_argument("--json", metavar="PATH", help="write every figure as JSON")
     bench.add_argument("--cpu-threads", type=int, default=None,
@@ -273,13 +275,24 @@ def _bench(args) -> int:
         return _bench_sweep(args, bench)
     parse_bytes(args.gpu_mem, "--gpu-mem")
     result = bench.run(args.preset, _batch(args.batch), gpu_mem=args.gpu_mem, steps=args.steps,
-                       warmup=args.warmup, clip=args.clip or None, vs_eager=args.vs == "eager",
+                       warmup=args.warmup, clip=args.clip or None, vs=_baselines(args.vs),
                        trace_path=args.trace, cpu_threads=args.cpu_threads)
     print(bench.table(result))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
     return 0
+
+
+def _baselines(names: str) -> tuple[str, ...]:
+    from mtc.examples.baselines import BASELINES
+
+    chosen = tuple(name for name in names.split(",") if name)
+    unknown = [name for name in chosen if name not in BASELINES]
+    if unknown:
+        raise ValueError(f"--vs={names!r} names {', '.join(unknown)}, which is not a baseline; expected a "
+                         f"comma-separated list of {', '.join(BASELINES)}")
+    return chosen
 
 
 def _bench_sweep(args, bench) -> int:

@@ -1,0 +1,64 @@
+"""mtc bench --vs: the peers run in processes of their own; a missing one is reported, not a failure."""
+import importlib.util
+
+import pytest
+import torch
+
+from mtc import bench
+from mtc.cli import main
+from mtc.examples.baselines import BASELINES
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is not None, reason="deepspeed is installed here")
+def test_a_missing_peer_is_reported_as_not_installed():
+    result = bench.baseline("deepspeed", "tiny", (1, 16), steps=1, warmup=0, clip=1.0)
+    assert result["not_installed"].startswith("deepspeed is not importable")
+    assert "examples/baselines/README.md" in result["not_installed"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this checks the report without a GPU")
+def test_a_baseline_without_a_gpu_says_so():
+    assert bench.baseline("eager", "tiny", (1, 16), steps=1, warmup=0, clip=1.0)["failed"] == \
+        "the baselines train on a CUDA GPU and torch sees none"
+
+
+def test_vs_names_are_checked_before_anything_runs(capsys):
+    assert main(["bench", "--preset", "tiny", "--batch", "1x16", "--vs", "eager,zero"]) == 2
+    error = capsys.readouterr().err
+    assert "--vs='eager,zero' names zero, which is not a baseline" in error
+    assert ", ".join(BASELINES) in error
+
+
+def _figures(step_s, **extra):
+    return {"step_s": step_s, "tokens_per_s": 4096 / step_s, "model_tflops": 1.0, "peak_gpu_allocated_bytes": 2 << 30,
+            "peak_gpu_reserved_bytes": 3 << 30, "peak_host_rss_bytes": 5 << 30, "peak_host_rss_bytes_per_param": 14.0,
+            "loss_finite": True, "loss_fell": True, **extra}
+
+
+def test_the_table_puts_every_system_side_by_side_and_says_why_one_did_not_run():
+    mine = _figures(0.5, bounds_s={"compute": 0.4}, lower_bound_s=0.4, bound_by="compute", achieved_over_bound=0.8,
+                    within_gpu_mem=True, h2d_gb_per_s_average=1.0, h2d_gb_per_s_while_copying=2.0,
+                    d2h_gb_per_s_average=1.0, d2h_gb_per_s_while_copying=2.0, optimizer_hidden_fraction=1.0,
+                    device_mallocs_while_timed=0, pinned_allocs_while_timed=0, host_state_bytes_per_param=14.0,
+                    host_rss_added_bytes_per_param=14.2, slots=2, cpu_threads=12)
+    result = {"preset": "3b", "batch": "1x4096", "gpu_mem": "80GB", "clip": 1.0, "device": "GPU", "date": "today",
+              "mtc": mine, "vs": {"fsdp": _figures(1.5, mtc_speedup=3.0, loss_fell=False),
+                                  "deepspeed": {"not_installed": "deepspeed is not importable"}}}
+    lines = bench.table(result).splitlines()
+    assert lines[1].split() == ["mtc", "fsdp", "deepspeed"]
+    speedup = next(line for line in lines if line.startswith("mtc speedup"))
+    assert speedup.split()[-3:] == ["-", "3.00x", "-"]
+    assert next(line for line in lines if line.startswith("loss finite")).split()[-7:] == \
+        ["yes", "/", "yes", "yes", "/", "NO", "-"]
+    assert "deepspeed: not installed: deepspeed is not importable" in lines
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(BASELINES))
+def test_each_installed_baseline_trains_the_tiny_preset(name):
+    result = bench.baseline(name, "tiny", (2, 64), steps=3, warmup=1, clip=1.0)
+    if "not_installed" in result:
+        pytest.skip(result["not_installed"])
+    assert "failed" not in result, result.get("failed")
+    assert result["loss_finite"] and result["step_s"] > 0 and result["params"] > 0
+    assert result["peak_gpu_allocated_bytes"] > 0 and result["peak_host_rss_bytes_per_param"] > 0
