@@ -100,9 +100,12 @@ H100 = HardwareProfile(
     gpu_optimizer_params_per_s=50e9, host_bytes=126 << 30,
     source="H100 80GB HBM3 on PCIe 5, 16 cores: copies, GEMMs and CPU AdamW measured all at once (DESIGN.md); "
            "the GPU AdamW rate estimated from ~52 B of HBM traffic per parameter at ~3 TB/s")
-# Same host link, GPU compute and host as the H100 box; the HBM-bound GPU AdamW scales with 4.8 / 3.35 TB/s.
-H200 = dataclasses.replace(H100, name="h200", gpu_optimizer_params_per_s=70e9,
-                           source="the h100 profile, GPU AdamW scaled by HBM bandwidth (4.8 / 3.35 TB/s); not measured")
+# The rates steps reached on the H200 machines (141 GB, PCIe 5, 16 cores), calibrated in-step in the
+# BENCHMARKS.md sweeps of 2026-11-22: compute 436 TFLOP/s for 3B blocks and 506 for 8B ones (taken between).
+H200 = HardwareProfile(
+    "h200", h2d_bytes_per_s=50e9, d2h_bytes_per_s=51e9, flops_per_s=470e12, optimizer_params_per_s=2.0e9,
+    gpu_optimizer_params_per_s=39e9, host_bytes=126 << 30,
+    source="H200 141GB on PCIe 5, 16 cores: lane rates of traced 3B and 8B steps (BENCHMARKS.md, 2026-11-22)")
 # Not measured here: PCIe 4 x16 carries ~25 GB/s pinned one way, less with both ways and AdamW beside it;
 # 312 TFLOP/s bf16 dense peak, ~80% sustained; HBM2e 2 TB/s.
 A100 = HardwareProfile(
