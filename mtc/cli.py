@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     _model_arguments(bench, batch="4x4096", gpu_mem="80GB", preset="3b")
     bench.add_argument("--steps", type=int, default=5, help="timed steps (default 5)")
     bench.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
-    bench.add_argument("--vs", default="", metavar="eager,deepspeed,fsdp",
+    bench.add_argument("--vs", default="", metavar="eager,deepspeed,fsdp,megatrain",
                        help="then train the same model and batch with each of these, each in a process of its own "
                             "(a missing package is reported as not installed); see examples/baselines/README.md")
     bench.add_argument("--trace", metavar="PATH", help="write two measured steps as a Chrome/Perfetto trace")

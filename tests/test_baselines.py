@@ -62,3 +62,27 @@ def test_each_installed_baseline_trains_the_tiny_preset(name):
     assert "failed" not in result, result.get("failed")
     assert result["loss_finite"] and result["step_s"] > 0 and result["params"] > 0
     assert result["peak_gpu_allocated_bytes"] > 0 and result["peak_host_rss_bytes_per_param"] > 0
+
+
+def test_megatrain_without_its_checkout_is_reported_as_not_installed(monkeypatch):
+    monkeypatch.delenv("MTC_MEGATRAIN", raising=False)
+    result = bench.baseline("megatrain", "tiny", (1, 16), steps=1, warmup=0, clip=1.0)
+    assert result["not_installed"].startswith("MTC_MEGATRAIN=None is not a MegaTrain checkout")
+
+
+def test_megatrains_log_gives_the_figures_mtc_bench_reports():
+    from mtc.examples.baselines.megatrain import read_log
+
+    def step(n, loss, seconds, peak, reserved):
+        return (f"INFO Step {n}/4 | Loss {loss} | Avg 1.0\n  Time: {seconds:.2f}s | Tokens/s 1.0 | TFLOPS 1.0\n"
+                f"  FWD: 0.10s | BWD: 0.20s\n  GPU: {peak:.2f}GB peak (alloc 1.00GB / reserved {reserved:.2f}GB)\n"
+                f"  CPU: 9.00GB\n")
+    log = step(1, "11.5", 9.0, 2.0, 3.0) + step(2, "11.0", 4.0, 2.5, 3.5) + step(3, "10.0", 5.0, 2.5, 4.0) \
+        + step(4, "nan", 3.0, 2.5, 4.0)
+    figures = read_log(log, warmup=1, batch=(2, 100), params=10**6)
+    assert figures["step_s"] == 4.0 and figures["tokens_per_s"] == 50.0  # the median of 4, 5 and 3 s
+    assert figures["model_tflops"] == 6 * 10**6 * 200 / 4.0 / 1e12
+    assert figures["losses"][:2] == [11.0, 10.0] and not figures["loss_finite"]
+    assert figures["peak_gpu_allocated_bytes"] == int(2.5 * 2**30) and figures["peak_gpu_reserved_bytes"] == 4 * 2**30
+    with pytest.raises(RuntimeError, match="fewer than warmup"):
+        read_log(step(1, "1.0", 1.0, 1.0, 1.0), warmup=1, batch=(1, 1), params=1)

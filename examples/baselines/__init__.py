@@ -1,5 +1,5 @@
 """Peer systems trained on the same model, batch and precision as `mtc bench`, each in a process of its own
-(`mtc bench --vs eager,deepspeed,fsdp`), so that one's host and device memory cannot help or hinder the next.
+(`mtc bench --vs eager,deepspeed,fsdp,megatrain`), so that one's host and device memory cannot help or hinder the next.
 
 Each module has `train(preset, batch, steps, warmup, clip) -> dict` and runs as
 `python -m mtc.examples.baselines.<module> --preset 3b --batch 4x4096 --json out.json`. The figures are counted
@@ -13,7 +13,7 @@ import json
 
 import torch
 
-BASELINES = {"eager": "eager", "deepspeed": "deepspeed_zero3", "fsdp": "fsdp2"}
+BASELINES = {"eager": "eager", "deepspeed": "deepspeed_zero3", "fsdp": "fsdp2", "megatrain": "megatrain"}
 """`--vs` name -> module of this package."""
 
 
