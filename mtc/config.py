@@ -1,7 +1,6 @@
 """Typed configuration: sizes, the optimizer and the hardware profile the planner scores against."""
 from __future__ import annotations
 
-import dataclasses
 import re
 from dataclasses import asdict, dataclass
 
