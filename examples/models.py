@@ -7,6 +7,7 @@ flow so that both ``torch.fx`` (tracing through every module) and
 ``torch.export`` (non-strict) capture it whole.
 """
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -337,15 +338,24 @@ PRESETS: dict[str, LlamaConfig] = {
 }
 
 
+def preset_config(preset: str) -> LlamaConfig:
+    """The shape a preset names: a key of PRESETS, or `name:layers` for that shape with another number of
+    blocks (`8b:40`, a 9.8B model of Llama-3-8B blocks), for finding the largest model a machine trains."""
+    name, colon, layers = preset.partition(":")
+    if name not in PRESETS or (colon and not (layers.isdigit() and int(layers) > 0)):
+        raise ValueError(f"preset={preset!r} is not known; expected one of {', '.join(sorted(PRESETS))}, "
+                         f"or one of them with another number of blocks, as 8b:40")
+    return dataclasses.replace(PRESETS[name], layers=int(layers)) if layers else PRESETS[name]
+
+
 def build(preset: str, device: str | torch.device = "cpu") -> Llama:
-    """Build the Llama preset named ``preset`` with its tensors created on ``device``.
+    """Build the Llama preset named ``preset`` (see preset_config) with its tensors created on ``device``.
 
     ``device="meta"`` builds the structure without allocating any storage.
     """
-    if preset not in PRESETS:
-        raise ValueError(f"preset={preset!r} is not known; expected one of {sorted(PRESETS)}")
+    config = preset_config(preset)
     with torch.device(device):
-        return Llama(PRESETS[preset])
+        return Llama(config)
 
 
 def parameter_count(model: nn.Module) -> int:
@@ -358,6 +368,6 @@ def random_batches(preset: str, shape: tuple[int, int], count: int, device, seed
     """`count` (input_ids, labels) pairs of `shape` (sequences, tokens) drawn uniformly from the preset's
     vocabulary: what benchmarks and calibration time steps on."""
     generator = torch.Generator().manual_seed(seed)
-    vocab = PRESETS[preset].vocab_size
+    vocab = preset_config(preset).vocab_size
     return [tuple(torch.randint(0, vocab, shape, generator=generator).to(device) for _ in range(2))
             for _ in range(count)]

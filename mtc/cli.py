@@ -89,9 +89,18 @@ def main(argv=None) -> int:
         return 2
 
 
+def _preset(name: str) -> str:
+    try:
+        models.preset_config(name)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return name
+
+
 def _model_arguments(parser, batch: str, gpu_mem: str, preset: str = "tiny"):
-    parser.add_argument("--preset", default=preset, choices=sorted(models.PRESETS),
-                        help=f"model shape (default {preset})")
+    parser.add_argument("--preset", default=preset, type=_preset,
+                        help=f"model shape: {', '.join(sorted(models.PRESETS))}, or one of them with another "
+                             f"number of blocks, as 8b:40 (default {preset})")
     parser.add_argument("--batch", default=batch, help=f"sequences x tokens per step (default {batch})")
     parser.add_argument("--gpu-mem", default=gpu_mem,
                         help=f"device memory budget, e.g. 24GB, 80GiB (default {gpu_mem})")
@@ -327,9 +336,10 @@ def _probe(args) -> int:
         raise ValueError(f"--cpu-threads={args.cpu_threads} is not valid; expected an integer >= 1")
     device = _device(args.device)
     if args.calibrate:  # checked before the minute of probing, not after
-        if args.calibrate not in models.PRESETS:
-            raise ValueError(f"--calibrate={args.calibrate!r} is not a preset; expected one of "
-                             f"{', '.join(models.PRESETS)}")
+        try:
+            models.preset_config(args.calibrate)
+        except ValueError as error:
+            raise ValueError(f"--calibrate={args.calibrate!r} is not a preset: {error}") from None
         if device.type != "cuda":
             raise ValueError("--calibrate times a step on the GPU and the device is the CPU")
         batch, gpu_mem = _batch(args.batch), parse_bytes(args.gpu_mem, "--gpu-mem")

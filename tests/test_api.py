@@ -214,3 +214,23 @@ def test_cli_finds_the_longest_sequence_that_fits(capsys):
     plan(seq)  # fits
     with pytest.raises(ValueError, match="too small"):
         plan(seq + 128)
+
+
+@pytest.mark.parametrize("preset, layers, params", [("8b", 32, 8_030_261_248), ("8b:40", 40, 9_775_157_248),
+                                                    ("3b:2", 2, 0)])
+def test_a_preset_can_name_another_number_of_blocks(preset, layers, params):
+    from mtc.examples import models
+
+    model = models.build(preset, "meta")
+    assert len(model.layers) == layers and models.preset_config(preset).hidden == models.PRESETS[preset[:2]].hidden
+    if params:
+        assert models.parameter_count(model) == params
+
+
+@pytest.mark.parametrize("preset", ["9b", "8b:", "8b:0", "8b:x", "8b:-3"])
+def test_a_preset_that_names_no_shape_is_refused_by_name(preset, capsys):
+    with pytest.raises(SystemExit) as exit:  # argparse's own refusal, status 2
+        main(["plan", "--preset", preset])
+    assert exit.value.code == 2
+    error = capsys.readouterr().err
+    assert f"preset={preset!r} is not known" in error and "as 8b:40" in error

@@ -119,7 +119,7 @@ def write_inputs(folder: str, preset: str, batch: tuple[int, int], steps: int, c
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
     from transformers import LlamaConfig as HFLlamaConfig
 
-    cfg = models.PRESETS[preset]
+    cfg = models.preset_config(preset)
     words = cfg.vocab_size - 3  # three ids for the special tokens
     special = {"unk_token": "<unk>", "bos_token": "<bos>", "eos_token": "<eos>"}
     vocab = {f"w{i}": i for i in range(words)} | {token: words + i for i, token in enumerate(special.values())}
