@@ -86,3 +86,27 @@ def test_megatrains_log_gives_the_figures_mtc_bench_reports():
     assert figures["peak_gpu_allocated_bytes"] == int(2.5 * 2**30) and figures["peak_gpu_reserved_bytes"] == 4 * 2**30
     with pytest.raises(RuntimeError, match="fewer than warmup"):
         read_log(step(1, "1.0", 1.0, 1.0, 1.0), warmup=1, batch=(1, 1), params=1)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None or importlib.util.find_spec("yaml") is None,
+                    reason="MegaTrain's inputs are written with transformers and pyyaml")
+def test_megatrains_inputs_are_the_presets_shape_and_fill_every_position(tmp_path):
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mtc.examples import models
+    from mtc.examples.baselines.megatrain import write_inputs
+
+    write_inputs(str(tmp_path), "tiny", (2, 64), steps=3, clip=1.0, attention="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    assert sum(p.numel() for p in model.parameters()) == models.parameter_count(models.build("tiny", "meta"))
+    assert model.config.num_hidden_layers == 4 and not model.config.tie_word_embeddings
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "model")
+    row = json.loads((tmp_path / "data" / "synthetic.json").read_text())[0]
+    text = tokenizer.apply_chat_template([{"role": "user", "content": row["instruction"]},
+                                          {"role": "assistant", "content": row["output"]}], tokenize=False)
+    ids = tokenizer(text, max_length=64, truncation=True, padding="max_length")["input_ids"]
+    words = row["output"].split()
+    assert ids[1:8] == [int(word[1:]) for word in words[:7]]  # word wN is token N, after the instruction's w1
+    assert tokenizer.pad_token_id not in ids
