@@ -18,6 +18,7 @@ What is counted (printed with the results too):
 """
 from __future__ import annotations
 
+import collections
 import gc
 import json
 import math
@@ -109,9 +110,16 @@ def baseline(name: str, preset: str, batch: tuple[int, int], steps: int, warmup:
                    "--batch", f"{batch[0]}x{batch[1]}", "--steps", str(steps), "--warmup", str(warmup),
                    "--clip", str(clip or 0), "--json", path]
         started = time.perf_counter()
-        done = subprocess.run(command, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
-        if done.returncode != 0 or not os.path.exists(path):
-            return {"failed": f"exit status {done.returncode}: " + " | ".join(done.stderr.strip().splitlines()[-3:])}
+        # What it prints goes to our stderr as it comes (a peer's set-up takes minutes); the last lines
+        # are kept to say why, should it fail.
+        last_lines = collections.deque(maxlen=3)
+        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as process:
+            for line in process.stdout:
+                sys.stderr.write(line)
+                if line.strip():
+                    last_lines.append(line.strip())
+        if process.returncode != 0 or not os.path.exists(path):
+            return {"failed": f"exit status {process.returncode}: " + " | ".join(last_lines)}
         with open(path) as f:
             result = json.load(f)
     result["process_s"] = time.perf_counter() - started
