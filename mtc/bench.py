@@ -113,7 +113,8 @@ def baseline(name: str, preset: str, batch: tuple[int, int], steps: int, warmup:
         # What it prints goes to our stderr as it comes (a peer's set-up takes minutes); the last lines
         # are kept to say why, should it fail.
         last_lines = collections.deque(maxlen=3)
-        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as process:
+        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              errors="replace") as process:
             for line in process.stdout:
                 sys.stderr.write(line)
                 if line.strip():
@@ -252,7 +253,8 @@ def time_steps(one_step, synchronize, steps, warmup, tokens, params, device) -> 
     losses = [float(loss) for loss in losses]
     return {"step_s": seconds, "mean_step_s": mean, "tokens_per_s": tokens / seconds,
             "model_tflops": 6 * params * tokens / seconds / 1e12, "losses": losses,
-            "loss_finite": all(math.isfinite(loss) for loss in losses), "loss_fell": losses[-1] < losses[0],
+            "loss_finite": all(math.isfinite(loss) for loss in losses),
+            "loss_fell": losses[-1] < losses[0] if len(losses) > 1 else None,
             "peak_gpu_allocated_bytes": torch.cuda.max_memory_allocated(device),
             "peak_gpu_reserved_bytes": torch.cuda.max_memory_reserved(device), **allocations}
 
@@ -319,7 +321,11 @@ def _rss_bytes() -> int:
 
 
 def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """This process's peak resident memory: VmHWM, which starts afresh at exec (ru_maxrss does not: a
+    process started by subprocess reports at least its parent's peak)."""
+    from mtc.runtime.store import process_status_bytes
+
+    return process_status_bytes("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def table(result: dict) -> str:
@@ -360,8 +366,8 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _yes(flag: bool) -> str:
-    return "yes" if flag else "NO"
+def _yes(flag: bool | None) -> str:
+    return "-" if flag is None else "yes" if flag else "NO"
 
 
 def _get(values: dict, key: str, form: str | None) -> str:

@@ -159,7 +159,7 @@ def schedule_pass(costs: Costs, gpu_mem: int, clip: bool, slots: int | None = No
     options, predicted = [], {}
     fastest = float("inf")
     for least, order, chunks, k, kept in sorted(candidates):  # likeliest first; the order breaks exact ties
-        if least > fastest * (1 + TIE):
+        if least > fastest * (1 + TIE) * (1 + 1e-12):  # the margin: the simulation's float sums round
             break  # neither this nor any later candidate can be within TIE of the fastest
         for keep, offload in _policies(costs, gpu_mem, clip, k, kept, budget, chunks):
             plan = fixed_plan(costs, gpu_mem, clip, k, kept, keep, offload, chunks=chunks)

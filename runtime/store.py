@@ -113,8 +113,17 @@ def pin_in_place(tensor: torch.Tensor) -> None:
 
 def host_meminfo(field: str) -> int | None:
     """A /proc/meminfo field in bytes (MemTotal, MemAvailable, ...); None off Linux."""
+    return _proc_kilobytes("/proc/meminfo", field)
+
+
+def process_status_bytes(field: str) -> int | None:
+    """A /proc/self/status field in bytes (VmRSS, VmHWM, ...); None off Linux."""
+    return _proc_kilobytes("/proc/self/status", field)
+
+
+def _proc_kilobytes(path: str, field: str) -> int | None:
     try:
-        with open("/proc/meminfo") as f:
+        with open(path) as f:
             for line in f:
                 if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024

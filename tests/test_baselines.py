@@ -43,13 +43,14 @@ def test_the_table_puts_every_system_side_by_side_and_says_why_one_did_not_run()
                     host_rss_added_bytes_per_param=14.2, slots=2, cpu_threads=12)
     result = {"preset": "3b", "batch": "1x4096", "gpu_mem": "80GB", "clip": 1.0, "device": "GPU", "date": "today",
               "mtc": mine, "vs": {"fsdp": _figures(1.5, mtc_speedup=3.0, loss_fell=False),
-                                  "deepspeed": {"not_installed": "deepspeed is not importable"}}}
+                                  "deepspeed": {"not_installed": "deepspeed is not importable"},
+                                  "eager": _figures(0.4, mtc_speedup=0.8, loss_fell=None)}}
     lines = bench.table(result).splitlines()
-    assert lines[1].split() == ["mtc", "fsdp", "deepspeed"]
+    assert lines[1].split() == ["mtc", "fsdp", "deepspeed", "eager"]
     speedup = next(line for line in lines if line.startswith("mtc speedup"))
-    assert speedup.split()[-3:] == ["-", "3.00x", "-"]
-    assert next(line for line in lines if line.startswith("loss finite")).split()[-7:] == \
-        ["yes", "/", "yes", "yes", "/", "NO", "-"]
+    assert speedup.split()[-4:] == ["-", "3.00x", "-", "0.80x"]
+    assert next(line for line in lines if line.startswith("loss finite")).split()[-10:] == \
+        ["yes", "/", "yes", "yes", "/", "NO", "-", "yes", "/", "-"]  # eager ran one step: nothing to compare
     assert "deepspeed: not installed: deepspeed is not importable" in lines
 
 
@@ -78,14 +79,17 @@ def test_megatrains_log_gives_the_figures_mtc_bench_reports():
                 f"  FWD: 0.10s | BWD: 0.20s\n  GPU: {peak:.2f}GB peak (alloc 1.00GB / reserved {reserved:.2f}GB)\n"
                 f"  CPU: 9.00GB\n")
     log = step(1, "11.5", 9.0, 2.0, 3.0) + step(2, "11.0", 4.0, 2.5, 3.5) + step(3, "10.0", 5.0, 2.5, 4.0) \
-        + step(4, "nan", 3.0, 2.5, 4.0)
-    figures = read_log(log, warmup=1, batch=(2, 100), params=10**6)
+        + step(4, "nan", 3.0, 2.5, 4.0) + "VmHWM:\t  2048 kB\n"
+    figures = read_log(log, untimed=1, batch=(2, 100), params=10**6)
     assert figures["step_s"] == 4.0 and figures["tokens_per_s"] == 50.0  # the median of 4, 5 and 3 s
     assert figures["model_tflops"] == 6 * 10**6 * 200 / 4.0 / 1e12
     assert figures["losses"][:2] == [11.0, 10.0] and not figures["loss_finite"]
     assert figures["peak_gpu_allocated_bytes"] == int(2.5 * 2**30) and figures["peak_gpu_reserved_bytes"] == 4 * 2**30
-    with pytest.raises(RuntimeError, match="fewer than warmup"):
-        read_log(step(1, "1.0", 1.0, 1.0, 1.0), warmup=1, batch=(1, 1), params=1)
+    assert figures["peak_host_rss_bytes"] == 2 << 20 and figures["peak_host_rss_bytes_per_param"] == (2 << 20) / 10**6
+    assert read_log(step(1, "2.0", 1.0, 1.0, 1.0) + step(2, "1.0", 1.0, 1.0, 1.0), untimed=1, batch=(1, 1),
+                    params=1)["loss_fell"] is None  # one timed step: nothing to compare
+    with pytest.raises(RuntimeError, match="not more than the 1 untimed"):
+        read_log(step(1, "1.0", 1.0, 1.0, 1.0), untimed=1, batch=(1, 1), params=1)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("transformers") is None or importlib.util.find_spec("yaml") is None,
@@ -110,3 +114,15 @@ def test_megatrains_inputs_are_the_presets_shape_and_fill_every_position(tmp_pat
     words = row["output"].split()
     assert ids[1:8] == [int(word[1:]) for word in words[:7]]  # word wN is token N, after the instruction's w1
     assert tokenizer.pad_token_id not in ids
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/status"), reason="reads /proc (Linux)")
+def test_a_peers_peak_host_memory_is_its_own_not_its_parents():
+    """ru_maxrss carries over a subprocess's parent's peak; the figure the peers report must not."""
+    import subprocess
+    import sys
+
+    held = torch.ones(768 << 20)  # 3 GiB touched here, in the parent
+    child = subprocess.run([sys.executable, "-c", "from mtc.bench import peak_rss_bytes; print(peak_rss_bytes())"],
+                           capture_output=True, text=True, check=True)
+    assert int(child.stdout) < 1.5 * 2**30 < held.numel() * 4 <= bench.peak_rss_bytes()

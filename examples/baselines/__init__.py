@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import socket
 
 import torch
 
@@ -44,6 +45,13 @@ def cuda_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
+def free_port() -> str:
+    """A TCP port nothing listens on now, for a one-process group (two benches at once must not collide)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return str(probe.getsockname()[1])
+
+
 def checkpoint_blocks(model) -> None:
     model.layers = torch.nn.ModuleList(Checkpointed(block) for block in model.layers)
 
@@ -54,8 +62,8 @@ def measure(one_step, synchronize, batch: tuple[int, int], steps: int, warmup: i
     from mtc.bench import peak_rss_bytes, time_steps
 
     result = time_steps(one_step, synchronize, steps, warmup, batch[0] * batch[1], params, device)
-    result.update(params=params, peak_host_rss_bytes=peak_rss_bytes(),
-                  peak_host_rss_bytes_per_param=peak_rss_bytes() / params, settings=settings,
+    peak = peak_rss_bytes()
+    result.update(params=params, peak_host_rss_bytes=peak, peak_host_rss_bytes_per_param=peak / params, settings=settings,
                   device=torch.cuda.get_device_name(device), torch=torch.__version__)
     return result
 

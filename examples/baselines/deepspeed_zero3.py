@@ -16,7 +16,7 @@ import torch
 
 from mtc.config import AdamW
 from mtc.examples import models
-from mtc.examples.baselines import NotInstalled, checkpoint_blocks, cuda_device, main, measure
+from mtc.examples.baselines import NotInstalled, checkpoint_blocks, cuda_device, free_port, main, measure
 
 
 def config(sequences: int, clip: float | None) -> dict:
@@ -34,7 +34,7 @@ def config(sequences: int, clip: float | None) -> dict:
 def train(preset: str, batch: tuple[int, int], steps: int, warmup: int, clip: float | None) -> dict:
     """DeepSpeed ZeRO-3, parameters and optimizer offloaded to the CPU."""
     for name, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"),
-                        ("MASTER_PORT", "29511"), ("DS_SKIP_CUDA_CHECK", "1")):
+                        ("MASTER_PORT", free_port()), ("DS_SKIP_CUDA_CHECK", "1")):
         os.environ.setdefault(name, value)
     try:
         import deepspeed

@@ -12,7 +12,7 @@ import torch
 
 from mtc.config import AdamW
 from mtc.examples import models
-from mtc.examples.baselines import NotInstalled, checkpoint_blocks, cuda_device, main, measure
+from mtc.examples.baselines import NotInstalled, checkpoint_blocks, cuda_device, free_port, main, measure
 
 
 def train(preset: str, batch: tuple[int, int], steps: int, warmup: int, clip: float | None) -> dict:
@@ -23,7 +23,7 @@ def train(preset: str, batch: tuple[int, int], steps: int, warmup: int, clip: fl
     except ImportError as error:
         raise NotInstalled(f"FSDP2 needs torch >= 2.6 ({error})") from error
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29512")
+    os.environ.setdefault("MASTER_PORT", free_port())
     device = cuda_device()
     torch.distributed.init_process_group("nccl", rank=0, world_size=1, device_id=device)
     try:

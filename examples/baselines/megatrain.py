@@ -24,7 +24,6 @@ import math
 import os
 import random
 import re
-import resource
 import statistics
 import subprocess
 import sys
@@ -38,18 +37,26 @@ STEP = re.compile(r"Step (\d+)/\d+ \| Loss (\S+)")
 TIME = re.compile(r"Time: (\S+)s \| Tokens/s")
 GPU = re.compile(r"GPU: (\S+)GB peak \(alloc \S+GB / reserved (\S+)GB\)")
 
-_WITHOUT_MASK = """
-import runpy, sys
-import infinity.model.cpu_master as cpu_master
-build = cpu_master.CPUMasterModel._build_layer_kwargs
-def without_mask(self, *args):
-    kwargs = build(self, *args)
-    kwargs["attention_mask"] = None
-    return kwargs
-cpu_master.CPUMasterModel._build_layer_kwargs = without_mask
-sys.argv = ["examples/sft/train.py", "--config", sys.argv[1]]
+HIGH_WATER = re.compile(r"VmHWM:\s+(\d+) kB")
+_LAUNCH = """
+import atexit, runpy, sys
+config, attention = sys.argv[1:3]
+def peak_memory():  # this process's peak resident memory, for mtc bench
+    with open("/proc/self/status") as f:
+        print(next(line for line in f if line.startswith("VmHWM:")).strip(), flush=True)
+atexit.register(peak_memory)
+if attention == "sdpa":  # its single-GPU path hands SDPA a 2-D int mask, which SDPA refuses
+    import infinity.model.cpu_master as cpu_master
+    build = cpu_master.CPUMasterModel._build_layer_kwargs
+    def without_mask(self, *args):
+        kwargs = build(self, *args)
+        kwargs["attention_mask"] = None
+        return kwargs
+    cpu_master.CPUMasterModel._build_layer_kwargs = without_mask
+sys.argv = ["examples/sft/train.py", "--config", config]
 runpy.run_path("examples/sft/train.py", run_name="__main__")
 """
+"""Runs its train.py unchanged but for the sdpa case, and prints the process's peak resident memory."""
 
 
 def train(preset: str, batch: tuple[int, int], steps: int, warmup: int, clip: float | None) -> dict:
@@ -66,22 +73,21 @@ def train(preset: str, batch: tuple[int, int], steps: int, warmup: int, clip: fl
                            + ("; without flash_attn, MTC_MEGATRAIN_ATTENTION=sdpa" if "flash_attn" in missing else ""))
     cuda_device()
     with tempfile.TemporaryDirectory(prefix="megatrain-") as folder:
-        config = write_inputs(folder, preset, batch, steps + warmup, clip, attention)
-        command = ([sys.executable, "-c", _WITHOUT_MASK, config] if attention == "sdpa"
-                   else [sys.executable, "examples/sft/train.py", "--config", config])
+        # As mtc bench's own clock: `warmup` steps and one more (its first builds the optimizer's state)
+        # before the timed ones.
+        config = write_inputs(folder, preset, batch, warmup + 1 + steps, clip, attention)
+        command = [sys.executable, "-c", _LAUNCH, config, attention]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [checkout, os.environ.get("PYTHONPATH")])),
                "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
         done = subprocess.run(command, cwd=checkout, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True)
+                              text=True, errors="replace")
     if os.environ.get("MTC_MEGATRAIN_LOG"):  # a path to keep what it printed
         with open(os.environ["MTC_MEGATRAIN_LOG"], "w") as f:
             f.write(done.stdout)
     if done.returncode != 0:
         raise RuntimeError("MegaTrain exited with status %d: %s" % (done.returncode,
                                                                      " | ".join(done.stdout.strip().splitlines()[-3:])))
-    figures = read_log(done.stdout, warmup, batch, models.parameter_count(models.build(preset, "meta")))
-    figures["peak_host_rss_bytes"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-    figures["peak_host_rss_bytes_per_param"] = figures["peak_host_rss_bytes"] / figures["params"]
+    figures = read_log(done.stdout, warmup + 1, batch, models.parameter_count(models.build(preset, "meta")))
     figures["settings"] = {"attention": attention, "master weights": "bf16 (MegaTrain's default)",
                            "checkpoint_interval": 4, "num_grad_slabs": 12, "lr": 1e-4, "weight_decay": 0.0,
                            "max_grad_norm": clip or 1e9, "optimizer": "DeepSpeedCPUAdam if deepspeed imports, "
@@ -89,23 +95,31 @@ def train(preset: str, batch: tuple[int, int], steps: int, warmup: int, clip: fl
     return figures
 
 
-def read_log(log: str, warmup: int, batch: tuple[int, int], params: int) -> dict:
-    """mtc bench's figures from MegaTrain's per-step log lines; the first `warmup` steps are left out (its
-    first step also builds the optimizer's state). Its step time is the host's clock around one step,
-    which ends with the weights back on the GPU."""
+def read_log(log: str, untimed: int, batch: tuple[int, int], params: int) -> dict:
+    """mtc bench's figures from MegaTrain's per-step log lines, the first `untimed` steps left out. Its
+    step time is its host clock around one step, which ends with the weights back on the GPU, printed to
+    10 ms; its peak GPU memory counts the untimed steps too (it resets the peak once, before them)."""
     losses = [float(loss) for _, loss in STEP.findall(log)]
     times = [float(seconds) for seconds in TIME.findall(log)]
     memory = GPU.findall(log)
-    if not times or len(times) <= warmup:
-        raise RuntimeError(f"MegaTrain logged {len(times)} steps, fewer than warmup + 1 = {warmup + 1}")
-    timed, tokens = times[warmup:], batch[0] * batch[1]
+    if len(times) <= untimed:
+        raise RuntimeError(f"MegaTrain logged {len(times)} steps, not more than the {untimed} untimed ones")
+    timed, tokens = times[untimed:], batch[0] * batch[1]
     seconds = statistics.median(timed)
     return {"step_s": seconds, "mean_step_s": statistics.mean(timed), "tokens_per_s": tokens / seconds,
-            "model_tflops": 6 * params * tokens / seconds / 1e12, "losses": losses[warmup:],
-            "loss_finite": all(math.isfinite(loss) for loss in losses[warmup:]),
-            "loss_fell": losses[-1] < losses[warmup], "params": params,
+            "model_tflops": 6 * params * tokens / seconds / 1e12, "losses": losses[untimed:],
+            "loss_finite": all(math.isfinite(loss) for loss in losses[untimed:]),
+            "loss_fell": losses[-1] < losses[untimed] if len(losses) > untimed + 1 else None, "params": params,
             "peak_gpu_allocated_bytes": int(max(float(a) for a, _ in memory) * 2**30) if memory else None,
-            "peak_gpu_reserved_bytes": int(max(float(r) for _, r in memory) * 2**30) if memory else None}
+            "peak_gpu_reserved_bytes": int(max(float(r) for _, r in memory) * 2**30) if memory else None,
+            **_peak_host_memory(log, params)}
+
+
+def _peak_host_memory(log: str, params: int) -> dict:
+    peak = HIGH_WATER.search(log)
+    if peak is None:
+        return {}
+    return {"peak_host_rss_bytes": int(peak[1]) * 1024, "peak_host_rss_bytes_per_param": int(peak[1]) * 1024 / params}
 
 
 def write_inputs(folder: str, preset: str, batch: tuple[int, int], steps: int, clip: float | None,
