@@ -14,6 +14,8 @@ import socket
 
 import torch
 
+from mtc.config import AdamW
+
 BASELINES = {"eager": "eager", "deepspeed": "deepspeed_zero3", "fsdp": "fsdp2", "megatrain": "megatrain"}
 """`--vs` name -> module of this package."""
 
@@ -56,6 +58,29 @@ def checkpoint_blocks(model) -> None:
     model.layers = torch.nn.ModuleList(Checkpointed(block) for block in model.layers)
 
 
+HYPERPARAMETERS = AdamW(lr=1e-4)
+"""Every system's AdamW (mtc bench trains mtc with the same)."""
+
+
+def torch_training_step(model, inputs: list, clip: float | None, autocast: bool = False):
+    """`one_step(index) -> loss` for a model trained by torch.optim.AdamW(fused=True) on wherever its
+    parameters live, clipping by global norm as torch.nn.utils.clip_grad_norm_ does."""
+    hp = HYPERPARAMETERS
+    optimizer = torch.optim.AdamW(model.parameters(), lr=hp.lr, betas=hp.betas, eps=hp.eps,
+                                  weight_decay=hp.weight_decay, fused=True)
+
+    def one_step(index):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(*inputs[index % len(inputs)])
+        loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+    return one_step
+
+
 def measure(one_step, synchronize, batch: tuple[int, int], steps: int, warmup: int, params: int,
             device: torch.device, settings: dict) -> dict:
     """mtc bench's figures for `one_step(index) -> loss`, and the settings the baseline ran with."""
@@ -63,8 +88,8 @@ def measure(one_step, synchronize, batch: tuple[int, int], steps: int, warmup: i
 
     result = time_steps(one_step, synchronize, steps, warmup, batch[0] * batch[1], params, device)
     peak = peak_rss_bytes()
-    result.update(params=params, peak_host_rss_bytes=peak, peak_host_rss_bytes_per_param=peak / params, settings=settings,
-                  device=torch.cuda.get_device_name(device), torch=torch.__version__)
+    result.update(params=params, peak_host_rss_bytes=peak, peak_host_rss_bytes_per_param=peak / params,
+                  settings=settings, device=torch.cuda.get_device_name(device), torch=torch.__version__)
     return result
 
 

@@ -14,13 +14,13 @@ import sys
 
 import torch
 
-from mtc.config import AdamW
 from mtc.examples import models
-from mtc.examples.baselines import NotInstalled, checkpoint_blocks, cuda_device, free_port, main, measure
+from mtc.examples.baselines import (HYPERPARAMETERS, NotInstalled, checkpoint_blocks, cuda_device, free_port, main,
+                                    measure)
 
 
 def config(sequences: int, clip: float | None) -> dict:
-    hp = AdamW(lr=1e-4)
+    hp = HYPERPARAMETERS
     offload = {"device": "cpu", "pin_memory": True}
     return {"train_micro_batch_size_per_gpu": sequences, "gradient_accumulation_steps": 1,
             "gradient_clipping": clip or 0.0, "bf16": {"enabled": True},

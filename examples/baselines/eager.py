@@ -6,9 +6,8 @@ import sys
 
 import torch
 
-from mtc.config import AdamW
 from mtc.examples import models
-from mtc.examples.baselines import checkpoint_blocks, cuda_device, main, measure
+from mtc.examples.baselines import checkpoint_blocks, cuda_device, main, measure, torch_training_step
 
 
 def train(preset: str, batch: tuple[int, int], steps: int, warmup: int, clip: float | None) -> dict:
@@ -19,20 +18,7 @@ def train(preset: str, batch: tuple[int, int], steps: int, warmup: int, clip: fl
     model = models.build(preset, device=device)
     params = models.parameter_count(model)
     checkpoint_blocks(model)
-    hp = AdamW(lr=1e-4)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=hp.lr, betas=hp.betas, eps=hp.eps,
-                                  weight_decay=hp.weight_decay, fused=True)
-
-    def one_step(index):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(*inputs[index % 2])
-        loss.backward()
-        if clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
-
+    one_step = torch_training_step(model, inputs, clip, autocast=True)
     return measure(one_step, lambda: torch.cuda.synchronize(device), batch, steps, warmup, params, device,
                    {"optimizer": "torch.optim.AdamW(fused=True) on the GPU", "precision": "fp32 weights, bf16 autocast",
                     "recompute": "every block (torch.utils.checkpoint)"})

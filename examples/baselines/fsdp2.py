@@ -10,9 +10,9 @@ import sys
 
 import torch
 
-from mtc.config import AdamW
 from mtc.examples import models
-from mtc.examples.baselines import NotInstalled, checkpoint_blocks, cuda_device, free_port, main, measure
+from mtc.examples.baselines import (NotInstalled, checkpoint_blocks, cuda_device, free_port, main, measure,
+                                    torch_training_step)
 
 
 def train(preset: str, batch: tuple[int, int], steps: int, warmup: int, clip: float | None) -> dict:
@@ -39,19 +39,7 @@ def train(preset: str, batch: tuple[int, int], steps: int, warmup: int, clip: fl
             fully_shard(block, **policy)
         fully_shard(model, **policy)
         model.inv_freq = model.inv_freq.to(device)  # a buffer, not sharded: the forward reads it on the GPU
-        hp = AdamW(lr=1e-4)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=hp.lr, betas=hp.betas, eps=hp.eps,
-                                      weight_decay=hp.weight_decay, fused=True)
-
-        def one_step(index):
-            loss = model(*inputs[index % 2])
-            loss.backward()
-            if clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            return loss.detach()
-
+        one_step = torch_training_step(model, inputs, clip)
         return measure(one_step, lambda: torch.cuda.synchronize(device), batch, steps, warmup, params, device,
                        {"optimizer": "torch.optim.AdamW(fused=True) on the CPU", "cpu_threads": torch.get_num_threads(),
                         "precision": "fp32 sharded parameters on the host, bf16 compute, fp32 gradient reduction",

@@ -30,7 +30,7 @@ import sys
 import tempfile
 
 from mtc.examples import models
-from mtc.examples.baselines import NotInstalled, cuda_device, main
+from mtc.examples.baselines import HYPERPARAMETERS, NotInstalled, cuda_device, main
 
 NEEDED = ("transformers", "accelerate", "datasets", "tokenizers", "safetensors", "psutil", "yaml")
 STEP = re.compile(r"Step (\d+)/\d+ \| Loss (\S+)")
@@ -89,7 +89,8 @@ def train(preset: str, batch: tuple[int, int], steps: int, warmup: int, clip: fl
                                                                      " | ".join(done.stdout.strip().splitlines()[-3:])))
     figures = read_log(done.stdout, warmup + 1, batch, models.parameter_count(models.build(preset, "meta")))
     figures["settings"] = {"attention": attention, "master weights": "bf16 (MegaTrain's default)",
-                           "checkpoint_interval": 4, "num_grad_slabs": 12, "lr": 1e-4, "weight_decay": 0.0,
+                           "checkpoint_interval": 4, "num_grad_slabs": 12, "lr": HYPERPARAMETERS.lr,
+                           "weight_decay": HYPERPARAMETERS.weight_decay,
                            "max_grad_norm": clip or 1e9, "optimizer": "DeepSpeedCPUAdam if deepspeed imports, "
                            "else torch AdamW (its log says which)"}
     return figures
@@ -152,8 +153,8 @@ def write_inputs(folder: str, preset: str, batch: tuple[int, int], steps: int, c
     data_dir = os.path.join(folder, "data")
     os.makedirs(data_dir)
     rng = random.Random(0)
-    rows = [{"instruction": "w1", "input": "", "output": " ".join(f"w{rng.randrange(words)}" for _ in range(batch[1] + 64))}
-            for _ in range(2 * batch[0])]
+    rows = [{"instruction": "w1", "input": "",
+             "output": " ".join(f"w{rng.randrange(words)}" for _ in range(batch[1] + 64))} for _ in range(2 * batch[0])]
     with open(os.path.join(data_dir, "synthetic.json"), "w") as f:
         json.dump(rows, f)
     with open(os.path.join(data_dir, "dataset_info.json"), "w") as f:
@@ -161,7 +162,8 @@ def write_inputs(folder: str, preset: str, batch: tuple[int, int], steps: int, c
     config = {"model": {"name": model_dir, "dtype": "bfloat16", "attn_implementation": attention,
                         "trust_remote_code": False},
               "dataset": {"name": "synthetic", "dataset_dir": data_dir, "max_seq_len": batch[1]},
-              "training": {"batch_size": batch[0], "num_steps": steps, "learning_rate": 1e-4, "weight_decay": 0.0,
+              "training": {"batch_size": batch[0], "num_steps": steps, "learning_rate": HYPERPARAMETERS.lr,
+                           "weight_decay": HYPERPARAMETERS.weight_decay,
                            "max_grad_norm": clip or 1e9, "seed": 0},
               "logging": {"log_interval": 1}}
     path = os.path.join(folder, "megatrain.yaml")
