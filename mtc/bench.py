@@ -332,9 +332,12 @@ def table(result: dict) -> str:
     """mtc and each baseline side by side; a baseline that did not run says why in its column's note."""
     systems = {"mtc": result["mtc"], **result.get("vs", {})}
     rows = [("step (s)", "step_s", "{:.3f}"), ("tokens/s", "tokens_per_s", "{:,.0f}"),
-            ("model TFLOP/s (6PT)", "model_tflops", "{:.0f}"), ("mtc speedup (their step / mtc's)", "mtc_speedup", "{:.2f}x"),
-            ("peak GPU allocated", "peak_gpu_allocated_bytes", None), ("peak GPU reserved", "peak_gpu_reserved_bytes", None),
-            ("peak host RSS", "peak_host_rss_bytes", None), ("peak host RSS / param (B)", "peak_host_rss_bytes_per_param", "{:.1f}"),
+            ("model TFLOP/s (6PT)", "model_tflops", "{:.0f}"),
+            ("mtc speedup (their step / mtc's)", "mtc_speedup", "{:.2f}x"),
+            ("peak GPU allocated", "peak_gpu_allocated_bytes", None),
+            ("peak GPU reserved", "peak_gpu_reserved_bytes", None),
+            ("peak host RSS", "peak_host_rss_bytes", None),
+            ("peak host RSS / param (B)", "peak_host_rss_bytes_per_param", "{:.1f}"),
             ("loss finite / fell", None, None)]
     width = 16
     lines = [f"mtc bench {result['preset']} {result['batch']} gpu_mem={result['gpu_mem']} clip={result['clip']} "
