@@ -36,6 +36,7 @@ import mtc
 from mtc.codegen.stream_plan import STREAMS, busy_seconds
 from mtc.config import format_bytes, parse_bytes
 from mtc.examples import models
+from mtc.examples.baselines import HYPERPARAMETERS
 from mtc import probe
 from mtc.passes.schedule import MemoryBudgetError
 from mtc.probe import copy_rates, lane_seconds
@@ -67,7 +68,7 @@ def run(preset: str, batch: tuple[int, int], gpu_mem: str = "80GB", steps: int =
     model = models.build(preset, device="meta")
     params = models.parameter_count(model)
     step = mtc.compile(model, gpu_mem=gpu_mem, example=inputs[0], clip_grad_norm=clip, device=device,
-                       init=models.init_weights, cpu_threads=cpu_threads, optimizer=mtc.AdamW(lr=1e-4))
+                       init=models.init_weights, cpu_threads=cpu_threads, optimizer=HYPERPARAMETERS)
     store = step._store
     mine = {"params": params, "compile_s": time.perf_counter() - started, "slots": step.plan.schedule.slots,
             "planned_peak_bytes": step.plan.schedule.peak_bytes, "predicted_step_s": step.plan.predicted_step_seconds(),

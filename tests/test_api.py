@@ -222,7 +222,7 @@ def test_a_preset_can_name_another_number_of_blocks(preset, layers, params):
     from mtc.examples import models
 
     model = models.build(preset, "meta")
-    assert len(model.layers) == layers and models.preset_config(preset).hidden == models.PRESETS[preset[:2]].hidden
+    assert len(model.layers) == layers and models.preset_config(preset).hidden == models.PRESETS[preset.partition(":")[0]].hidden
     if params:
         assert models.parameter_count(model) == params
 
