@@ -25,9 +25,11 @@ import math
 import os
 import resource
 import statistics
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import torch
@@ -46,9 +48,11 @@ GB = 1e9
 
 def run(preset: str, batch: tuple[int, int], gpu_mem: str = "80GB", steps: int = 5, warmup: int = 2,
         clip: float | None = 1.0, vs: tuple[str, ...] = (), trace_path: str | None = None,
-        cpu_threads: int | None = None) -> dict:
+        cpu_threads: int | None = None, peer_timeout_s: float | None = None, progress=None) -> dict:
     """mtc on `preset` at `batch`, then each baseline named in `vs` (mtc.examples.baselines.BASELINES) in a
-    process of its own, once this process has let go of mtc's host and device memory."""
+    process of its own, once this process has let go of mtc's host and device memory; one that runs past
+    peer_timeout_s is stopped and reported failed. progress(result, name) is called as each system's
+    figures come in (name "mtc" first), with the result so far."""
     if not torch.cuda.is_available():
         raise RuntimeError("mtc bench measures a GPU and torch sees none")
     device = torch.device("cuda", torch.cuda.current_device())
@@ -91,16 +95,23 @@ def run(preset: str, batch: tuple[int, int], gpu_mem: str = "80GB", steps: int =
     torch.cuda.empty_cache()
     torch.cuda.set_per_process_memory_fraction(1.0, device)
 
-    result["vs"] = {name: baseline(name, preset, batch, steps, warmup, clip) for name in vs}
-    for name, theirs in result["vs"].items():
+    if progress:
+        progress(result, "mtc")
+    result["vs"] = {}
+    for name in vs:
+        theirs = result["vs"][name] = baseline(name, preset, batch, steps, warmup, clip, peer_timeout_s)
         if "step_s" in theirs:
             theirs["mtc_speedup"] = theirs["step_s"] / mine["step_s"]
+        if progress:
+            progress(result, name)
     return result
 
 
-def baseline(name: str, preset: str, batch: tuple[int, int], steps: int, warmup: int, clip: float | None) -> dict:
+def baseline(name: str, preset: str, batch: tuple[int, int], steps: int, warmup: int, clip: float | None,
+             timeout_s: float | None = None) -> dict:
     """One baseline's figures, from a process of its own: {"not_installed": why} when its package is
-    missing, {"does_not_fit": ...} when it runs out of device memory, {"failed": ...} on any other error."""
+    missing, {"does_not_fit": ...} when it runs out of device memory, {"failed": ...} on any other error
+    or when it runs past timeout_s (it and every process it started are then killed)."""
     from mtc.examples.baselines import BASELINES
 
     if name not in BASELINES:
@@ -111,21 +122,51 @@ def baseline(name: str, preset: str, batch: tuple[int, int], steps: int, warmup:
                    "--batch", f"{batch[0]}x{batch[1]}", "--steps", str(steps), "--warmup", str(warmup),
                    "--clip", str(clip or 0), "--json", path]
         started = time.perf_counter()
-        # What it prints goes to our stderr as it comes (a peer's set-up takes minutes); the last lines
-        # are kept to say why, should it fail.
-        last_lines = collections.deque(maxlen=3)
-        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              errors="replace") as process:
-            for line in process.stdout:
-                sys.stderr.write(line)
-                if line.strip():
-                    last_lines.append(line.strip())
-        if process.returncode != 0 or not os.path.exists(path):
-            return {"failed": f"exit status {process.returncode}: " + " | ".join(last_lines)}
+        status, last_lines = run_peer(command, timeout_s)
+        if status != 0 or not os.path.exists(path):
+            return {"failed": f"exit status {status}: " + " | ".join(last_lines)}
         with open(path) as f:
             result = json.load(f)
     result["process_s"] = time.perf_counter() - started
     return result
+
+
+def run_peer(command: list[str], timeout_s: float | None) -> tuple[int, list[str]]:
+    """Runs `command` in a session of its own, its output going to our stderr as it comes (a peer's set-up
+    takes minutes); returns its exit status and its last lines, to say why should it fail. Past timeout_s,
+    or when we are stopped, it and every process it started are killed."""
+    last_lines = collections.deque(maxlen=3)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               errors="replace", start_new_session=True)
+    echo = threading.Thread(target=_echo, args=(process.stdout, last_lines), daemon=True)
+    echo.start()
+    stopped = []
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        stopped.append(f"stopped after {timeout_s:g} s")
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        echo.join(timeout=10)  # a process that left our session may still hold the pipe
+    return process.returncode, stopped + list(last_lines)
+
+
+def _echo(lines, last_lines: collections.deque) -> None:
+    for line in lines:
+        sys.stderr.write(line)
+        if line.strip():
+            last_lines.append(line.strip())
+
+
+def summary(name: str, figures: dict) -> str:
+    """One line on how a system's run ended, for progress while the others run."""
+    if "step_s" in figures:
+        return (f"{name}: {figures['step_s']:.3f} s/step, {figures['tokens_per_s']:,.0f} tokens/s, loss finite "
+                f"{_yes(figures.get('loss_finite'))}")
+    status = next((k for k in ("not_installed", "does_not_fit", "failed") if k in figures), "no figures")
+    return f"{name}: {status.replace('_', ' ')}: {figures.get(status, '')}"
 
 
 def sweep(preset: str, batches: list[tuple[int, int]], budgets: list[str], schedules=("solve", "spine"),

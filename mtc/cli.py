@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 
@@ -69,8 +70,10 @@ def main(argv=None) -> int:
     bench.add_argument("--vs", default="", metavar="eager,deepspeed,fsdp,megatrain",
                        help="then train the same model and batch with each of these, each in a process of its own "
                             "(a missing package is reported as not installed); see examples/baselines/README.md")
+    bench.add_argument("--peer-timeout", type=float, default=3600, metavar="SECONDS",
+                       help="stop a --vs peer that runs longer, and report it failed (default 3600)")
     bench.add_argument("--trace", metavar="PATH", help="write two measured steps as a Chrome/Perfetto trace")
-    bench.add_argument("--json", metavar="PATH", help="write every figure as JSON")
+    bench.add_argument("--json", metavar="PATH", help="write every figure as JSON (rewritten as each system finishes)")
     bench.add_argument("--cpu-threads", type=int, default=None,
                        help="threads for the CPU optimizer (default: all cores but four)")
     bench.add_argument("--no-calibrate", action="store_true",
@@ -283,13 +286,23 @@ def _bench(args) -> int:
     if args.schedule or args.no_calibrate or "," in args.batch or "," in args.gpu_mem:
         return _bench_sweep(args, bench)
     parse_bytes(args.gpu_mem, "--gpu-mem")
+    if args.peer_timeout <= 0:
+        raise ValueError(f"--peer-timeout={args.peer_timeout} is not valid; expected seconds > 0")
+
+    def progress(result: dict, name: str) -> None:  # what ran so far is kept should a later system hang
+        print(bench.summary(name, result["mtc"] if name == "mtc" else result["vs"][name]), file=sys.stderr,
+              flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=1)
+
+    # A stop (timeout, kill) unwinds, so that a running peer's processes are stopped with us.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     result = bench.run(args.preset, _batch(args.batch), gpu_mem=args.gpu_mem, steps=args.steps,
                        warmup=args.warmup, clip=args.clip or None, vs=_baselines(args.vs),
-                       trace_path=args.trace, cpu_threads=args.cpu_threads)
+                       trace_path=args.trace, cpu_threads=args.cpu_threads, peer_timeout_s=args.peer_timeout,
+                       progress=progress)
     print(bench.table(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
     return 0
 
 

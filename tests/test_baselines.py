@@ -1,5 +1,8 @@
 """mtc bench --vs: the peers run in processes of their own; a missing one is reported, not a failure."""
 import importlib.util
+import signal
+import sys
+import time
 
 import pytest
 import torch
@@ -126,3 +129,38 @@ def test_a_peers_peak_host_memory_is_its_own_not_its_parents():
     child = subprocess.run([sys.executable, "-c", "from mtc.bench import peak_rss_bytes; print(peak_rss_bytes())"],
                            capture_output=True, text=True, check=True)
     assert int(child.stdout) < 1.5 * 2**30 < held.numel() * 4 <= bench.peak_rss_bytes()
+
+
+def test_a_peer_past_its_time_is_stopped_with_the_processes_it_started(tmp_path):
+    marker = tmp_path / "child.pid"
+    # The peer starts a child of its own (as MegaTrain's runner does), then outlives the limit.
+    script = ("import subprocess, sys, time\n"
+              "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+              f"open({str(marker)!r}, 'w').write(str(child.pid))\n"
+              "print('set up', flush=True)\n"
+              "time.sleep(60)\n")
+    started = time.perf_counter()
+    status, lines = bench.run_peer([sys.executable, "-c", script], timeout_s=3)
+    assert time.perf_counter() - started < 20
+    assert status == -signal.SIGKILL
+    assert lines == ["stopped after 3 s", "set up"]
+    child = int(marker.read_text())
+    deadline = time.monotonic() + 5
+    while _running(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _running(child)
+
+
+def _running(pid: int) -> bool:
+    """Neither gone nor a zombie waiting to be reaped."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_peer_that_finishes_in_time_gives_its_status_and_last_lines():
+    status, lines = bench.run_peer([sys.executable, "-c", "print('a'); print(''); print('b'); print('c'); print('d')"],
+                                   timeout_s=30)
+    assert status == 0 and lines == ["b", "c", "d"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import socket
+import time
 
 import torch
 
@@ -18,6 +19,14 @@ from mtc.config import AdamW
 
 BASELINES = {"eager": "eager", "deepspeed": "deepspeed_zero3", "fsdp": "fsdp2", "megatrain": "megatrain"}
 """`--vs` name -> module of this package."""
+
+
+_STARTED = time.perf_counter()
+
+
+def say(message: str) -> None:
+    """Progress, with the seconds since this process started: a peer's set-up takes minutes."""
+    print(f"[{time.perf_counter() - _STARTED:7.1f} s] {message}", flush=True)
 
 
 class NotInstalled(RuntimeError):
@@ -86,7 +95,9 @@ def measure(one_step, synchronize, batch: tuple[int, int], steps: int, warmup: i
     """mtc bench's figures for `one_step(index) -> loss`, and the settings the baseline ran with."""
     from mtc.bench import peak_rss_bytes, time_steps
 
+    say(f"set up; {warmup} untimed steps, then {steps} timed")
     result = time_steps(one_step, synchronize, steps, warmup, batch[0] * batch[1], params, device)
+    say(f"{result['step_s']:.3f} s/step")
     peak = peak_rss_bytes()
     result.update(params=params, peak_host_rss_bytes=peak, peak_host_rss_bytes_per_param=peak / params,
                   settings=settings, device=torch.cuda.get_device_name(device), torch=torch.__version__)

@@ -16,7 +16,7 @@ import torch
 
 from mtc.examples import models
 from mtc.examples.baselines import (HYPERPARAMETERS, NotInstalled, checkpoint_blocks, cuda_device, free_port, main,
-                                    measure)
+                                    measure, say)
 
 
 def config(sequences: int, clip: float | None) -> dict:
@@ -48,8 +48,10 @@ def train(preset: str, batch: tuple[int, int], steps: int, warmup: int, clip: fl
         # Llama.__init__ ends with self.apply(init_weights), which zero.Init runs on gathered parameters.
         model = models.build(preset, device=device)
     params = sum(p.ds_numel for p in model.parameters())
+    say(f"model built under zero.Init ({params:,} parameters)")
     checkpoint_blocks(model)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=settings)
+    say("deepspeed.initialize done")
     # bf16 mode casts buffers too; the rotary frequencies stay fp32, as in the other systems.
     engine.module.inv_freq = models.rope_inv_freq(model.cfg.hidden // model.cfg.heads, model.cfg.rope_theta).to(device)
 

@@ -12,7 +12,7 @@ import torch
 
 from mtc.examples import models
 from mtc.examples.baselines import (NotInstalled, checkpoint_blocks, cuda_device, free_port, main, measure,
-                                    torch_training_step)
+                                    say, torch_training_step)
 
 
 def train(preset: str, batch: tuple[int, int], steps: int, warmup: int, clip: float | None) -> dict:
@@ -31,6 +31,7 @@ def train(preset: str, batch: tuple[int, int], steps: int, warmup: int, clip: fl
         torch.manual_seed(0)
         model = models.build(preset, device="cpu")
         params = models.parameter_count(model)
+        say(f"model built on the host ({params:,} parameters)")
         checkpoint_blocks(model)
         policy = {"mesh": init_device_mesh("cuda", (1,)),
                   "mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32),

@@ -30,7 +30,7 @@ import sys
 import tempfile
 
 from mtc.examples import models
-from mtc.examples.baselines import HYPERPARAMETERS, NotInstalled, cuda_device, main
+from mtc.examples.baselines import HYPERPARAMETERS, NotInstalled, cuda_device, main, say
 
 NEEDED = ("transformers", "accelerate", "datasets", "tokenizers", "safetensors", "psutil", "yaml")
 STEP = re.compile(r"Step (\d+)/\d+ \| Loss (\S+)")
@@ -79,15 +79,21 @@ def train(preset: str, batch: tuple[int, int], steps: int, warmup: int, clip: fl
         command = [sys.executable, "-c", _LAUNCH, config, attention]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [checkout, os.environ.get("PYTHONPATH")])),
                "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-        done = subprocess.run(command, cwd=checkout, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, errors="replace")
+        say("inputs written; MegaTrain starts")
+        log = []
+        with subprocess.Popen(command, cwd=checkout, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, errors="replace") as process:
+            for line in process.stdout:  # shown as it comes: its set-up takes minutes
+                print(line, end="", flush=True)
+                log.append(line)
+    log = "".join(log)
     if os.environ.get("MTC_MEGATRAIN_LOG"):  # a path to keep what it printed
         with open(os.environ["MTC_MEGATRAIN_LOG"], "w") as f:
-            f.write(done.stdout)
-    if done.returncode != 0:
-        raise RuntimeError("MegaTrain exited with status %d: %s" % (done.returncode,
-                                                                     " | ".join(done.stdout.strip().splitlines()[-3:])))
-    figures = read_log(done.stdout, warmup + 1, batch, models.parameter_count(models.build(preset, "meta")))
+            f.write(log)
+    if process.returncode != 0:
+        raise RuntimeError("MegaTrain exited with status %d: %s" % (process.returncode,
+                                                                     " | ".join(log.strip().splitlines()[-3:])))
+    figures = read_log(log, warmup + 1, batch, models.parameter_count(models.build(preset, "meta")))
     figures["settings"] = {"attention": attention, "master weights": "bf16 (MegaTrain's default)",
                            "checkpoint_interval": 4, "num_grad_slabs": 12, "lr": HYPERPARAMETERS.lr,
                            "weight_decay": HYPERPARAMETERS.weight_decay,
