@@ -73,6 +73,7 @@ def train(preset: str, batch: tuple[int, int], steps: int, warmup: int, clip: fl
                            + ("; without flash_attn, MTC_MEGATRAIN_ATTENTION=sdpa" if "flash_attn" in missing else ""))
     cuda_device()
     with tempfile.TemporaryDirectory(prefix="megatrain-") as folder:
+        say("writing its inputs")
         # As mtc bench's own clock: `warmup` steps and one more (its first builds the optimizer's state)
         # before the timed ones.
         config = write_inputs(folder, preset, batch, warmup + 1 + steps, clip, attention)
@@ -155,7 +156,13 @@ def write_inputs(folder: str, preset: str, batch: tuple[int, int], steps: int, c
                        tie_word_embeddings=False, rope_theta=cfg.rope_theta, rms_norm_eps=cfg.norm_eps,
                        max_position_embeddings=max(8192, batch[1]), bos_token_id=words + 1, eos_token_id=words + 2)
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(hf, dtype=torch.bfloat16).save_pretrained(model_dir)
+    # Random init takes minutes on the host for a 3B model and seconds on the GPU; the memory is given back
+    # before MegaTrain starts (this process keeps only its CUDA context, well under 1 GiB).
+    with torch.device(cuda_device() if torch.cuda.is_available() else "cpu"):
+        model = AutoModelForCausalLM.from_config(hf, dtype=torch.bfloat16)
+    model.save_pretrained(model_dir)
+    del model
+    torch.cuda.empty_cache()
     data_dir = os.path.join(folder, "data")
     os.makedirs(data_dir)
     rng = random.Random(0)
