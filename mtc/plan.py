@@ -137,7 +137,7 @@ def stage_table(stages, stream_plan=None, profile=None) -> str:
     header = (f"{'stage':<18}{'template':<16}{'params':>14}{'weights':>12}{'kept in':>12}{'fwd work':>12}"
               f"{'bwd work':>12}{'fwd GFLOP':>11}")
     if stream_plan is not None:
-        header += f"  {'weights':<13}{'activations':<12}{'in/step':>11}{'out/step':>11}{'fwd ms':>9}{'bwd ms':>9}{'AdamW ms':>10}"
+        header += f"  {'weights':<13}{'activations':<12}{'in/step':>12}{'out/step':>12}{'fwd ms':>9}{'bwd ms':>9}{'AdamW ms':>10}"
     lines = [header]
     for index, s in enumerate(stages):
         line = (f"{s.name:<18}{s.template:<16}{s.params:>14,}{format_bytes(s.weight_bytes):>12}"
@@ -164,5 +164,5 @@ def _stage_plan(stream_plan, profile, stage: int) -> str:
     activations = stream_plan.schedule.policy(stage) if stage != SHARED else "-"
     if stage != SHARED and stream_plan.schedule.chunks_of(stage) > 1:
         activations += f"/{stream_plan.schedule.chunks_of(stage)}"  # in that many token chunks
-    return (f"{where:<13}{activations:<12}{format_bytes(moved_in) if moved_in else '-':>11}{format_bytes(moved_out) if moved_out else '-':>11}"
+    return (f"{where:<13}{activations:<12}{format_bytes(moved_in) if moved_in else '-':>12}{format_bytes(moved_out) if moved_out else '-':>12}"
             f"{total(('forward',)):>9.1f}{total(('loss', 'backward')):>9.1f}{total(('optimizer',)):>10.1f}")
