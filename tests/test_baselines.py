@@ -164,3 +164,12 @@ def test_a_peer_that_finishes_in_time_gives_its_status_and_last_lines():
     status, lines = bench.run_peer([sys.executable, "-c", "print('a'); print(''); print('b'); print('c'); print('d')"],
                                    timeout_s=30)
     assert status == 0 and lines == ["b", "c", "d"]
+
+
+def test_progress_lines_give_the_speed_or_why_there_is_none():
+    assert bench.summary("fsdp", {"step_s": 4.026, "tokens_per_s": 4069.6, "loss_finite": True}) == \
+        "fsdp: 4.026 s/step, 4,070 tokens/s, loss finite yes"
+    assert bench.summary("megatrain", {"failed": "exit status -9: stopped after 140 s"}) == \
+        "megatrain: failed: exit status -9: stopped after 140 s"
+    assert bench.summary("deepspeed", {"not_installed": "deepspeed is not importable"}) == \
+        "deepspeed: not installed: deepspeed is not importable"
