@@ -180,6 +180,8 @@ class Step:
         self._planned, self._store, self._engine, self._settings = planned, store, engine, settings
         self.plan = planned.plan
         self.steps = 0
+        self.data_position = None
+        """What mtc.load gave back of the caller's data position (mtc.save's data_position)."""
 
     def replan(self, gpu_mem=None, example=None, schedule: str = "solve", profile=None) -> "Step":
         """A step for another budget or batch shape that trains the same state: the model is traced and

@@ -1,0 +1,269 @@
+"""Checkpoints: `mtc.save(step, path)` writes everything a step needs to go on exactly where it stopped;
+`mtc.load(path, model, ...)` compiles the model again with that state.
+
+A checkpoint is a directory of safetensors files and one JSON file, nothing pickled, nothing run on load:
+- model.safetensors (or model-0000i-of-0000n.safetensors + model.safetensors.index.json past SHARD_BYTES):
+  the fp32 master weights under the model's own parameter names, the layout Hugging Face's
+  from_pretrained reads;
+- optimizer*.safetensors: each trained parameter's AdamW moments (`exp_avg.<name>`, `exp_avg_sq.<name>`)
+  and step count (`step.<name>`), sharded the same way;
+- buffers.safetensors: the model's buffers (rotary tables and the like), apart from the weights so that
+  from_pretrained sees only parameters;
+- rng.safetensors: the CPU generator's state and each CUDA device's;
+- mtc.json: the format, mtc and torch versions, the optimizer's hyperparameters, clipping, the step
+  count, every parameter's shape, the plan it ran under, and the caller's data position.
+
+A save is written into a hidden sibling directory and renamed into place, so a save that is interrupted
+(even by SIGKILL) never touches the last good checkpoint; should it stop between moving the old one aside
+and renaming the new one in, load finds the old one and says so.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+import shutil
+import tempfile
+import warnings
+
+import torch
+
+from mtc.config import AdamW
+
+FORMAT = 1
+SHARD_BYTES = 2 << 30
+"""Largest shard: bounds the host memory a save borrows (one shard's tensors at a time)."""
+META, RNG = "mtc.json", "rng.safetensors"
+
+
+class CheckpointError(ValueError):
+    """The directory is not a checkpoint this model and this mtc can resume from."""
+
+
+def save(step, path, data_position: dict | None = None) -> str:
+    """Write `step`'s weights, optimizer state, RNG state and step count to the directory `path` (made or
+    replaced whole); `data_position`: JSON-serialisable state of the caller's data (given back by load as
+    step.data_position). Returns the path."""
+    from safetensors.torch import save_file
+
+    import mtc
+
+    path = os.path.abspath(os.fspath(path))
+    if os.path.exists(path) and not os.path.isfile(os.path.join(path, META)):
+        raise CheckpointError(f"path={path!r} exists and is not an mtc checkpoint (no {META}); mtc.save replaces "
+                              f"only its own checkpoints: choose a new path or remove it")
+    try:
+        json.dumps(data_position)
+    except TypeError as error:
+        raise TypeError(f"data_position={data_position!r} is not JSON-serialisable ({error})") from None
+    store = step._store
+    step.synchronize()
+    parent, base = os.path.split(path)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{base}.saving-", dir=parent)
+    try:
+        weights = dict(step.named_parameters())
+        _write_sharded(staging, "model", weights, save_file)
+        state = {}
+        for group in store.all_groups():
+            for piece in group.slices:
+                state[f"exp_avg.{piece.name}"] = group.view(group.exp_avg, piece)
+                state[f"exp_avg_sq.{piece.name}"] = group.view(group.exp_avg_sq, piece)
+                state[f"step.{piece.name}"] = group.step
+        _write_sharded(staging, "optimizer", state, save_file)
+        if store.buffers:
+            _write_sharded(staging, "buffers", store.buffers, save_file)
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            rng |= {f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
+        save_file(rng, os.path.join(staging, RNG))
+        settings = step._settings
+        meta = {"format": FORMAT, "mtc": mtc.__version__, "torch": torch.__version__, "steps": step.steps,
+                "optimizer": dataclasses.asdict(settings["optimizer"]), "clip_grad_norm": settings["clip_grad_norm"],
+                "compute_dtype": str(store.compute_dtype).removeprefix("torch."),
+                "parameters": {name: list(value.shape) for name, value in weights.items()},
+                "data_position": data_position, "plan": step.plan.to_json()}
+        with open(os.path.join(staging, META), "w") as f:
+            json.dump(meta, f, indent=1)
+        _sync_directory(staging)
+        _move_into_place(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return path
+
+
+def load(path, model: torch.nn.Module, gpu_mem="80GB", example=None, optimizer: AdamW | None = None,
+         clip_grad_norm="saved", **compile_options):
+    """A Step for `model` (the same architecture, on the meta device or materialised) that goes on from the
+    checkpoint at `path`: weights, AdamW moments and step counts, RNG state, step count and data position
+    (step.data_position). The optimizer's hyperparameters and clipping are the saved ones unless given;
+    gpu_mem, example and the other options are as for mtc.compile (the plan may differ from the saved one:
+    the state is per parameter)."""
+    from mtc.compile import compile
+
+    path = _readable(path)
+    with open(os.path.join(path, META)) as f:
+        meta = json.load(f)
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is checkpoint format {meta.get('format')!r}; this mtc reads format {FORMAT}")
+    _check_same_model(path, meta, model)
+    weights = _Tensors(path, "model")
+    state = _Tensors(path, "optimizer")
+    optimizer = optimizer if optimizer is not None else AdamW(**{**meta["optimizer"],
+                                                                 "betas": tuple(meta["optimizer"]["betas"])})
+    clip = meta["clip_grad_norm"] if clip_grad_norm == "saved" else clip_grad_norm
+    if "init" not in compile_options:  # meta tensors are filled from the checkpoint, not initialised first
+        buffers = _Tensors(path, "buffers") if any(True for _ in model.buffers()) else None
+        compile_options["init"] = _filler(model, weights, buffers)
+    step = compile(model, gpu_mem, example, optimizer=optimizer, clip_grad_norm=clip, **compile_options)
+    store = step._store
+    for group in store.all_groups():
+        for piece in group.slices:
+            group.view(group.master, piece).copy_(weights[piece.name])
+            group.view(group.exp_avg, piece).copy_(state[f"exp_avg.{piece.name}"])
+            group.view(group.exp_avg_sq, piece).copy_(state[f"exp_avg_sq.{piece.name}"])
+        counts = {state[f"step.{piece.name}"].item() for piece in group.slices}
+        if len(counts) > 1:
+            raise CheckpointError(f"{path}: the parameters of {group.name} have different step counts {sorted(counts)}")
+        group.step.fill_(counts.pop() if counts else 0)
+        if group.stream is not group.master:
+            group.stream.copy_(group.master)
+    for name, value in store.unused.items():
+        value.copy_(weights[name])
+    rng = _Tensors(path, "rng")
+    torch.set_rng_state(rng["cpu"])
+    cuda_states = [rng[f"cuda.{i}"] for i in range(sum(name.startswith("cuda.") for name in rng.names))]
+    if cuda_states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_states[:torch.cuda.device_count()])
+    step.steps = meta["steps"]
+    step.data_position = meta["data_position"]
+    return step
+
+
+class _Tensors:
+    """Tensors by name across a checkpoint's shards of one kind, read one at a time (never all at once)."""
+
+    def __init__(self, path: str, kind: str):
+        from safetensors import safe_open
+
+        single, index = os.path.join(path, f"{kind}.safetensors"), os.path.join(path, f"{kind}.safetensors.index.json")
+        if os.path.isfile(index):
+            with open(index) as f:
+                where = json.load(f)["weight_map"]
+        elif os.path.isfile(single):
+            where = None
+        else:
+            raise CheckpointError(f"{path} has neither {kind}.safetensors nor {kind}.safetensors.index.json")
+        self.files = {}
+        for name in sorted(set(where.values())) if where else [os.path.basename(single)]:
+            try:
+                self.files[name] = safe_open(os.path.join(path, name), framework="pt")
+            except Exception as error:  # safetensors raises its own error types for a cut or corrupt file
+                raise CheckpointError(f"{os.path.join(path, name)} is not a whole safetensors file ({error})") from None
+        self.where = where or {n: os.path.basename(single) for n in self.files[os.path.basename(single)].keys()}
+        self.names = list(self.where)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.where:
+            raise CheckpointError(f"the checkpoint holds no tensor {name!r}")
+        return self.files[self.where[name]].get_tensor(name)
+
+
+def _write_sharded(directory: str, kind: str, tensors: dict[str, torch.Tensor], save_file) -> None:
+    """Hugging Face's layout: one file, or numbered shards of at most SHARD_BYTES and an index."""
+    shards, current, size = [], {}, 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if current and size + nbytes > SHARD_BYTES:
+            shards.append(current)
+            current, size = {}, 0
+        current[name], size = tensor, size + nbytes
+    shards.append(current)
+    files = [f"{kind}.safetensors"] if len(shards) == 1 else \
+        [f"{kind}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for file, shard in zip(files, shards):
+        # Copies: safetensors refuses views that share one buffer (the store keeps a stage's tensors in one).
+        save_file({name: t.detach().to("cpu", copy=True).contiguous() for name, t in shard.items()},
+                  os.path.join(directory, file), metadata={"format": "pt"})
+    if len(shards) > 1:
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        with open(os.path.join(directory, f"{kind}.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total},
+                       "weight_map": {name: file for file, shard in zip(files, shards) for name in shard}}, f, indent=1)
+
+
+def _sync_directory(directory: str) -> None:
+    """Flush every file in `directory` and the directory itself to disk before it is renamed into place."""
+    for name in os.listdir(directory):
+        with open(os.path.join(directory, name), "rb+") as f:
+            os.fsync(f.fileno())
+    _fsync_dir(directory)
+
+
+def _fsync_dir(directory: str) -> None:
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _move_into_place(staging: str, path: str) -> None:
+    parent, base = os.path.split(path)
+    if os.path.exists(path):
+        replaced = tempfile.mkdtemp(prefix=f".{base}.replaced-", dir=parent)
+        os.rename(path, os.path.join(replaced, base))  # aside, whole, until the new one is in place
+        os.rename(staging, path)
+        _fsync_dir(parent)
+        shutil.rmtree(replaced)
+    else:
+        os.rename(staging, path)
+        _fsync_dir(parent)
+
+
+def _readable(path) -> str:
+    """`path`, or the previous checkpoint a save interrupted between its two renames had moved aside."""
+    path = os.path.abspath(os.fspath(path))
+    if os.path.isfile(os.path.join(path, META)):
+        return path
+    parent, base = os.path.split(path)
+    aside = sorted(glob.glob(os.path.join(glob.escape(parent), f".{glob.escape(base)}.replaced-*", base, META)),
+                   key=os.path.getmtime)
+    if not os.path.exists(path) and aside:
+        found = os.path.dirname(aside[-1])
+        warnings.warn(f"{path} is missing: a save was interrupted while replacing it; loading the previous "
+                      f"checkpoint from {found}")
+        return found
+    if not os.path.isdir(path):
+        raise CheckpointError(f"path={path!r} is not a directory; expected a checkpoint mtc.save wrote")
+    raise CheckpointError(f"path={path!r} is not an mtc checkpoint: it has no {META}")
+
+
+def _check_same_model(path: str, meta: dict, model: torch.nn.Module) -> None:
+    saved = meta["parameters"]
+    mine = {name: list(p.shape) for name, p in model.named_parameters()}
+    missing, extra = sorted(set(saved) - set(mine)), sorted(set(mine) - set(saved))
+    differ = sorted(n for n in set(saved) & set(mine) if saved[n] != mine[n])
+    if missing or extra or differ:
+        details = [f"{len(missing)} saved parameters the model lacks ({', '.join(missing[:3])})" if missing else "",
+                   f"{len(extra)} model parameters not saved ({', '.join(extra[:3])})" if extra else "",
+                   "shapes differ: " + ", ".join(f"{n} saved {saved[n]}, model {mine[n]}" for n in differ[:3])
+                   if differ else ""]
+        raise CheckpointError(f"{path} was saved from another model: " + "; ".join(d for d in details if d))
+
+
+def _filler(model: torch.nn.Module, weights: _Tensors, buffers: _Tensors | None):
+    """An `init(module)` for mtc.compile that fills one module's own parameters and buffers from the
+    checkpoint."""
+    prefixes = {id(module): name for name, module in model.named_modules()}
+
+    def fill(module: torch.nn.Module) -> None:
+        prefix = prefixes[id(module)]
+        with torch.no_grad():
+            for source, tensors in ((weights, module.named_parameters(recurse=False)),
+                                    (buffers, module.named_buffers(recurse=False))):
+                for name, tensor in tensors:
+                    tensor.copy_(source[f"{prefix}.{name}" if prefix else name])
+    return fill

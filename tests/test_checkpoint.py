@@ -1,0 +1,164 @@
+"""mtc.save / mtc.load: a resumed run is the uninterrupted one, and a failed save loses nothing."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import mtc
+from mtc import checkpoint
+
+from models import gpt2, llama, tokens
+
+BUDGET = "5MB"  # some stages resident, the rest streamed: both kinds of state are saved
+
+
+def _compile(model, example, **options):
+    return mtc.compile(model, BUDGET, example, optimizer=mtc.AdamW(lr=1e-3, weight_decay=0.1), clip_grad_norm=1.0,
+                       device="cpu", progress=False, **options)
+
+
+def _batches(count=6):
+    return [tokens(seed=i) for i in range(count)]
+
+
+def _train(step, batches):
+    return [step(*batch).item() for batch in batches]
+
+
+def _fresh(build):
+    torch.manual_seed(0)
+    return build()
+
+
+@pytest.mark.parametrize("build", [llama, lambda: gpt2(dropout=0.1)], ids=["llama", "gpt2_dropout"])
+def test_save_load_and_three_more_steps_is_six_uninterrupted_steps(tmp_path, build):
+    batches = _batches()
+    torch.manual_seed(1)
+    whole = _compile(_fresh(build), batches[0])
+    assert whole.plan.schedule.resident and len(whole.plan.schedule.resident) < len(whole.plan.schedule.stages)
+    expected = _train(whole, batches)
+    expected_parameters = {n: p.clone() for n, p in whole.named_parameters()}
+
+    torch.manual_seed(1)
+    first = _compile(_fresh(build), batches[0])
+    losses = _train(first, batches[:3])
+    mtc.save(first, tmp_path / "ckpt", data_position={"batch": 3})
+    torch.manual_seed(123)  # what load restores: a resumed run's dropout masks are the uninterrupted run's
+    with torch.device("meta"):
+        model = build()
+    resumed = mtc.load(tmp_path / "ckpt", model, BUDGET, batches[0], device="cpu", progress=False)
+    assert resumed.steps == 3 and resumed.data_position == {"batch": 3}
+    losses += _train(resumed, batches[resumed.data_position["batch"]:])
+    assert losses == expected
+    resumed_parameters = dict(resumed.named_parameters())
+    assert resumed_parameters.keys() == expected_parameters.keys()
+    for name, value in expected_parameters.items():
+        assert torch.equal(resumed_parameters[name], value), name
+
+
+def test_the_weights_are_the_models_own_names_in_safetensors(tmp_path):
+    step = _compile(_fresh(llama), tokens())
+    step(*tokens())
+    mtc.save(step, tmp_path / "ckpt")
+    saved = load_file(tmp_path / "ckpt" / "model.safetensors")
+    mine = dict(step.named_parameters())
+    assert saved.keys() == {name for name, _ in llama().named_parameters()}
+    for name, value in saved.items():
+        assert value.dtype == torch.float32 and torch.equal(value, mine[name])
+    meta = json.loads((tmp_path / "ckpt" / "mtc.json").read_text())
+    assert meta["steps"] == 1 and meta["format"] == checkpoint.FORMAT and meta["optimizer"]["lr"] == 1e-3
+
+
+def test_a_checkpoint_past_the_shard_size_is_sharded_with_an_index_and_loads(tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpoint, "SHARD_BYTES", 200_000)
+    step = _compile(_fresh(llama), tokens())
+    step(*tokens())
+    mtc.save(step, tmp_path / "ckpt")
+    index = json.loads((tmp_path / "ckpt" / "model.safetensors.index.json").read_text())
+    files = set(index["weight_map"].values())
+    assert len(files) > 2 and all((tmp_path / "ckpt" / f).exists() for f in files)
+    assert index["metadata"]["total_size"] == sum(p.numel() * 4 for _, p in step.named_parameters())
+    resumed = mtc.load(tmp_path / "ckpt", _fresh(llama), BUDGET, tokens(), device="cpu", progress=False)
+    for (name, a), (_, b) in zip(step.named_parameters(), resumed.named_parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_a_save_killed_midway_leaves_the_previous_checkpoint(tmp_path):
+    path = tmp_path / "ckpt"
+    # The child saves once (1 step), trains on, and is killed while writing the second save's shards.
+    script = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        import torch, mtc
+        from mtc import checkpoint
+        from models import llama, tokens
+        torch.manual_seed(0)
+        step = mtc.compile(llama(), {BUDGET!r}, tokens(), device="cpu", progress=False)
+        step(*tokens())
+        mtc.save(step, {str(path)!r})
+        step(*tokens())
+        write = checkpoint._write_sharded
+        def slow(*args):
+            write(*args)
+            print("writing", flush=True)
+            time.sleep(60)
+        checkpoint._write_sharded = slow
+        mtc.save(step, {str(path)!r})
+    """)
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline() == "writing\n"
+    child.kill()
+    child.wait()
+    assert json.loads((path / "mtc.json").read_text())["steps"] == 1
+    resumed = mtc.load(path, llama(), BUDGET, tokens(), device="cpu", progress=False)
+    assert resumed.steps == 1
+
+
+def test_a_save_stopped_between_its_renames_is_found_by_load(tmp_path):
+    step = _compile(_fresh(llama), tokens())
+    step(*tokens())
+    mtc.save(step, tmp_path / "ckpt")
+    aside = tmp_path / ".ckpt.replaced-x"
+    aside.mkdir()
+    os.rename(tmp_path / "ckpt", aside / "ckpt")  # as _move_into_place leaves it if stopped there
+    with pytest.warns(UserWarning, match="a save was interrupted"):
+        resumed = mtc.load(tmp_path / "ckpt", _fresh(llama), BUDGET, tokens(), device="cpu", progress=False)
+    assert resumed.steps == 1
+
+
+def test_loading_into_another_model_names_what_differs(tmp_path):
+    step = _compile(_fresh(llama), tokens())
+    mtc.save(step, tmp_path / "ckpt")
+    with pytest.raises(mtc.CheckpointError, match="saved from another model: .*model parameters not saved"):
+        mtc.load(tmp_path / "ckpt", gpt2(), BUDGET, tokens(), device="cpu", progress=False)
+
+
+def test_a_cut_shard_is_reported_and_the_directory_left_alone(tmp_path):
+    step = _compile(_fresh(llama), tokens())
+    mtc.save(step, tmp_path / "ckpt")
+    weights = tmp_path / "ckpt" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(mtc.CheckpointError, match="model.safetensors is not a whole safetensors file"):
+        mtc.load(tmp_path / "ckpt", _fresh(llama), BUDGET, tokens(), device="cpu", progress=False)
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]
+
+
+def test_bad_paths_are_refused_with_what_is_expected(tmp_path):
+    step = _compile(_fresh(llama), tokens())
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "keep.txt").write_text("mine")
+    with pytest.raises(mtc.CheckpointError, match="exists and is not an mtc checkpoint"):
+        mtc.save(step, tmp_path / "notes")
+    assert (tmp_path / "notes" / "keep.txt").read_text() == "mine"
+    with pytest.raises(mtc.CheckpointError, match="is not an mtc checkpoint: it has no mtc.json"):
+        mtc.load(tmp_path / "notes", llama(), BUDGET, tokens(), device="cpu")
+    with pytest.raises(mtc.CheckpointError, match="is not a directory"):
+        mtc.load(tmp_path / "missing", llama(), BUDGET, tokens(), device="cpu")
+    with pytest.raises(TypeError, match="data_position=.* is not JSON-serialisable"):
+        mtc.save(step, tmp_path / "ckpt", data_position={"at": object()})
+    assert not (tmp_path / "ckpt").exists()
