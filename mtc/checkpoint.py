@@ -114,8 +114,11 @@ def load(path, model: torch.nn.Module, gpu_mem="80GB", example=None, optimizer: 
     optimizer = optimizer if optimizer is not None else AdamW(**{**meta["optimizer"],
                                                                  "betas": tuple(meta["optimizer"]["betas"])})
     clip = meta["clip_grad_norm"] if clip_grad_norm == "saved" else clip_grad_norm
+    buffers = _Tensors(path, "buffers") if os.path.exists(os.path.join(path, "buffers.safetensors")) or \
+        os.path.exists(os.path.join(path, "buffers.safetensors.index.json")) else None
+    if buffers is None and any(True for _ in model.buffers()):
+        raise CheckpointError(f"{path} holds no buffers but {type(model).__name__} has some: saved from another model")
     if "init" not in compile_options:  # meta tensors are filled from the checkpoint, not initialised first
-        buffers = _Tensors(path, "buffers") if any(True for _ in model.buffers()) else None
         compile_options["init"] = _filler(model, weights, buffers)
     step = compile(model, gpu_mem, example, optimizer=optimizer, clip_grad_norm=clip, **compile_options)
     store = step._store
@@ -132,6 +135,8 @@ def load(path, model: torch.nn.Module, gpu_mem="80GB", example=None, optimizer: 
             group.stream.copy_(group.master)
     for name, value in store.unused.items():
         value.copy_(weights[name])
+    for name, value in store.buffers.items():
+        value.copy_(buffers[name])
     rng = _Tensors(path, "rng")
     torch.set_rng_state(rng["cpu"])
     cuda_states = [rng[f"cuda.{i}"] for i in range(sum(name.startswith("cuda.") for name in rng.names))]

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import os
 import signal
 import sys
 import time
@@ -28,6 +30,13 @@ def main(argv=None) -> int:
     train.add_argument("--weight-decay", type=float, default=0.1)
     train.add_argument("--seed", type=int, default=0, help="model init and data order (default 0)")
     train.add_argument("--save-plan", metavar="PATH", help="also write the plan as JSON")
+    train.add_argument("--checkpoint", metavar="DIR", default=None,
+                       help="where --save-every and --resume keep the checkpoint (default runs/<preset>)")
+    train.add_argument("--save-every", type=int, default=0, metavar="STEPS",
+                       help="save a checkpoint every STEPS steps and at the end (default 0: never)")
+    train.add_argument("--resume", action="store_true",
+                       help="go on from the checkpoint (weights, AdamW state, RNG, data position) up to --steps "
+                            "steps in all, with its hyperparameters")
 
     plan = commands.add_parser("plan", help="plan a preset on the meta device (no memory, no GPU needed)")
     _model_arguments(plan, batch="4x4096", gpu_mem="80GB")
@@ -128,31 +137,49 @@ def _train(args) -> int:
     batch, seq = _batch(args.batch)
     if args.steps < 1:
         raise ValueError(f"--steps={args.steps} is not valid; expected an integer >= 1")
+    if args.save_every < 0:
+        raise ValueError(f"--save-every={args.save_every} is not valid; expected an integer >= 0 (0: never)")
+    checkpoint = args.checkpoint or os.path.join("runs", args.preset)
     torch.manual_seed(args.seed)
-    model = models.build(args.preset)
-    corpus = data.stdlib_corpus()
-    stream = data.batches(corpus, batch, seq, seed=args.seed)
-    example = next(stream)
+    stream = data.batches(data.stdlib_corpus(), batch, seq, seed=args.seed)
     started = time.perf_counter()
-    step = mtc.compile(model, gpu_mem=args.gpu_mem, example=example, device=args.device,
-                       optimizer=mtc.AdamW(lr=args.lr, weight_decay=args.weight_decay),
-                       clip_grad_norm=args.clip or None)
+    if args.resume:
+        model = models.build(args.preset, device="meta")
+        # The first batch only shows the shapes; the checkpoint says how many the run had read.
+        step = mtc.load(checkpoint, model, gpu_mem=args.gpu_mem, example=next(stream), device=args.device)
+        stream = data.batches(data.stdlib_corpus(), batch, seq, seed=args.seed)
+        for _ in range(step.data_position["batches"]):
+            next(stream)
+        print(f"resumed from {checkpoint} after {step.steps} steps")
+    else:
+        model = models.build(args.preset)
+        example = next(stream)
+        stream = itertools.chain([example], stream)
+        step = mtc.compile(model, gpu_mem=args.gpu_mem, example=example, device=args.device,
+                           optimizer=mtc.AdamW(lr=args.lr, weight_decay=args.weight_decay),
+                           clip_grad_norm=args.clip or None)
     print(step.plan.summary())
     print(f"compiled in {time.perf_counter() - started:.1f} s; training {models.parameter_count(model):,} "
           f"parameters on {batch}x{seq} tokens of the Python standard library's source, byte by byte")
     if args.save_plan:
         step.plan.save(args.save_plan)
     first = last = None
-    tokens, started = 0, time.perf_counter()
-    with tqdm(range(args.steps), unit="step", dynamic_ncols=True) as bar:
-        for index in bar:
-            input_ids, labels = example if index == 0 else next(stream)
+    tokens, started, done = 0, time.perf_counter(), step.steps
+    with tqdm(range(done, args.steps), unit="step", dynamic_ncols=True, initial=done, total=args.steps) as bar:
+        for _ in bar:
+            input_ids, labels = next(stream)
             last = float(step(input_ids, labels))
             first = last if first is None else first
             tokens += input_ids.numel()
             bar.set_postfix(loss=f"{last:.3f}", tok_s=f"{tokens / (time.perf_counter() - started):,.0f}")
-    print(f"loss {first:.3f} -> {last:.3f} in {args.steps} steps, "
-          f"{tokens / (time.perf_counter() - started):,.0f} tokens/s")
+            if args.save_every and (step.steps % args.save_every == 0 or step.steps == args.steps):
+                mtc.save(step, checkpoint, data_position={"batches": step.steps})
+    if first is None:
+        print(f"the checkpoint is already at step {done}; nothing to do for --steps={args.steps}")
+        return 0
+    print(f"loss {first:.3f} -> {last:.6f} in steps {done + 1}-{args.steps}, "
+          f"{tokens / (time.perf_counter() - started):,.0f} tokens/s"
+          + (f"; checkpoint in {checkpoint}" if args.save_every else ""))
     return 0
 
 

@@ -162,3 +162,24 @@ def test_bad_paths_are_refused_with_what_is_expected(tmp_path):
     with pytest.raises(TypeError, match="data_position=.* is not JSON-serialisable"):
         mtc.save(step, tmp_path / "ckpt", data_position={"at": object()})
     assert not (tmp_path / "ckpt").exists()
+
+
+def test_mtc_train_resumed_from_its_checkpoint_ends_where_an_unbroken_run_ends(tmp_path, capsys):
+    from mtc.cli import main
+
+    common = ["train", "--preset", "tiny", "--batch", "2x32", "--device", "cpu"]
+    assert main(common + ["--steps", "6"]) == 0
+    unbroken = capsys.readouterr().out.splitlines()[-1]
+    assert main(common + ["--steps", "4", "--save-every", "3", "--checkpoint", str(tmp_path / "c")]) == 0
+    assert json.loads((tmp_path / "c" / "mtc.json").read_text())["data_position"] == {"batches": 4}
+    capsys.readouterr()
+    assert main(common + ["--steps", "6", "--resume", "--checkpoint", str(tmp_path / "c")]) == 0
+    resumed = capsys.readouterr().out.splitlines()
+    assert resumed[0] == f"resumed from {tmp_path / 'c'} after 4 steps"
+    assert resumed[-1].split(" in steps")[0].split("-> ")[1] == unbroken.split(" in steps")[0].split("-> ")[1]
+    assert main(common + ["--steps", "4", "--resume", "--checkpoint", str(tmp_path / "c")]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert main(common + ["--steps", "4", "--save-every", "-1"]) == 2
+    assert "--save-every=-1 is not valid" in capsys.readouterr().err
+    assert main(common + ["--steps", "4", "--resume", "--checkpoint", str(tmp_path / "none")]) == 2
+    assert "is not a directory; expected a checkpoint mtc.save wrote" in capsys.readouterr().err
