@@ -10,6 +10,7 @@ A checkpoint is a directory of safetensors files and one JSON file, nothing pick
 - buffers.safetensors: the model's buffers (rotary tables and the like), apart from the weights so that
   from_pretrained sees only parameters;
 - rng.safetensors: the CPU generator's state and each CUDA device's;
+- config.json, for a Hugging Face model: with the weights, what AutoModelForCausalLM.from_pretrained reads;
 - mtc.json: the format, mtc and torch versions, the optimizer's hyperparameters, clipping, the step
   count, every parameter's shape, the plan it ran under, and the caller's data position.
 
@@ -86,6 +87,9 @@ def save(step, path, data_position: dict | None = None) -> str:
                 "data_position": data_position, "plan": step.plan.to_json()}
         with open(os.path.join(staging, META), "w") as f:
             json.dump(meta, f, indent=1)
+        config = getattr(settings["model"], "config", None)
+        if hasattr(config, "to_json_file"):  # a Hugging Face model: from_pretrained(path) loads the weights
+            config.to_json_file(os.path.join(staging, "config.json"))
         _sync_directory(staging)
         _move_into_place(staging, path)
     except BaseException:

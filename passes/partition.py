@@ -43,13 +43,15 @@ class Template:
 
     def function(self, device) -> fx.GraphModule:
         """The template as a callable for one device. Export bakes the trace-time device into
-        factory calls (arange(..., device='cpu')); those constants are pointed at `device`."""
+        factory calls and moves (arange(..., device='cpu'), x.to('cpu')); those constants are pointed at
+        `device`."""
         device = torch.device(device)
         if device not in self._compiled:
             graph = copy.deepcopy(self.graph)
             for node in graph.nodes:
                 if isinstance(node.kwargs.get("device"), (torch.device, str)):
                     node.update_kwarg("device", device)
+                node.args = tuple(device if isinstance(a, torch.device) else a for a in node.args)
             self._compiled[device] = fx.GraphModule(torch.nn.Module(), graph, class_name=self.name)
         return self._compiled[device]
 

@@ -6,6 +6,7 @@ downstream: a graph, the flat list of its inputs, and the names of parameters an
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import traceback
@@ -62,13 +63,29 @@ def trace_pass(model: torch.nn.Module, args: tuple, kwargs: dict) -> Traced:
         return _trace_fx(model, args, kwargs)
     except Exception as fx_error:  # fx fails on shape-dependent Python, **kwargs, ...
         try:
-            return _trace_export(model, args, kwargs)
+            with _without_kv_cache(model):
+                return _trace_export(model, args, kwargs)
         except Exception as export_error:
             where = _user_frame(export_error) or _user_frame(fx_error) or "unknown location"
             raise TraceError(
                 f"cannot trace {type(model).__name__}: torch.fx failed with "
                 f"{type(fx_error).__name__}: {_first_line(fx_error)}; torch.export failed at {where} with "
                 f"{type(export_error).__name__}: {_first_line(export_error)}") from export_error
+
+
+@contextlib.contextmanager
+def _without_kv_cache(model):
+    """A Hugging Face model returns its KV cache unless its config says not to: training has no use for
+    it, and export cannot return the cache object. The config is as it was afterwards."""
+    config = getattr(model, "config", None)
+    if not getattr(config, "use_cache", False):
+        yield
+        return
+    config.use_cache = False
+    try:
+        yield
+    finally:
+        config.use_cache = True
 
 
 def _trace_fx(model, args, kwargs) -> Traced:
@@ -106,6 +123,13 @@ def _trace_export(model, args, kwargs) -> Traced:
     for node in list(graph.nodes):
         if node.op == "call_module" and not node.users:  # export's input guard
             graph.erase_node(node)
+    _inline_wrapped_regions(module)
+    for node in list(graph.nodes):
+        # Export's checks that a tensor has the trace's dtype and device: the plan runs the graph in
+        # another dtype (bf16) and on other devices (meta, cuda).
+        if node.op == "call_function" and node.target in _METADATA_CHECKS and not node.users:
+            graph.erase_node(node)
+    graph.lint()
     in_spec = pytree.tree_flatten((tuple(args), dict(kwargs)))[1]
 
     def flatten_inputs(call_args, call_kwargs):
@@ -118,6 +142,52 @@ def _trace_export(model, args, kwargs) -> Traced:
     params, buffers, constants = _attributes(model, module, graph)
     out_spec = graph._codegen.pytree_info.out_spec
     return Traced(graph, "export", flatten_inputs, params, buffers, constants, out_spec)
+
+
+_METADATA_CHECKS = {torch.ops.aten._assert_tensor_metadata.default}
+
+
+def _inline_wrapped_regions(module: fx.GraphModule) -> None:
+    """Export keeps `with torch.no_grad():` and `with torch.autocast(...)` regions (Hugging Face's rotary
+    embeddings) as calls of submodules; the passes work on one flat graph, so their nodes move into it.
+    A no-grad region's outputs are detached, as they would be; autocast regions must be disabled ones (their
+    ops then run in the dtypes they are given, as anywhere else in the graph)."""
+    graph = module.graph
+    wrappers = {torch.ops.higher_order.wrap_with_set_grad_enabled: 1, torch.ops.higher_order.wrap_with_autocast: 4}
+    while True:
+        node = next((n for n in graph.nodes if n.op == "call_function" and n.target in wrappers), None)
+        if node is None:
+            return
+        if node.target is torch.ops.higher_order.wrap_with_autocast and node.args[2] is not False:
+            raise NotImplementedError("an enabled torch.autocast region inside the model; mtc sets the compute "
+                                      "dtype itself (compute_dtype=)")
+        grad_enabled = node.args[0] if node.target is torch.ops.higher_order.wrap_with_set_grad_enabled else True
+        submodule_node = node.args[wrappers[node.target]]
+        region = getattr(module, submodule_node.target)
+        values = dict(zip([n for n in region.graph.nodes if n.op == "placeholder"],
+                          node.args[wrappers[node.target] + 1:]))
+        outputs = None
+        with graph.inserting_before(node):
+            for inner in region.graph.nodes:
+                if inner.op == "placeholder":
+                    continue
+                if inner.op == "output":
+                    outputs = fx.node.map_arg(inner.args[0], lambda n: values[n])
+                    continue
+                if inner.op == "get_attr":  # a nested region's submodule: carried over under a fresh name
+                    name = f"{submodule_node.target}_{inner.target}"
+                    module.add_submodule(name, getattr(region, inner.target))
+                    values[inner] = graph.get_attr(name)
+                    continue
+                values[inner] = graph.node_copy(inner, lambda n: values[n])
+            if not grad_enabled:
+                outputs = type(outputs)(graph.call_function(torch.ops.aten.detach.default, (o,)) for o in outputs)
+        for user in list(node.users):  # getitem(wrapper, i)
+            user.replace_all_uses_with(outputs[user.args[1]])
+            graph.erase_node(user)
+        graph.erase_node(node)
+        if not submodule_node.users:
+            graph.erase_node(submodule_node)
 
 
 def _attributes(model, traced_module, graph):

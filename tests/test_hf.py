@@ -1,0 +1,98 @@
+"""Hugging Face transformers causal LMs compile through mtc (torch.export) and train as eager transformers
+with torch.optim.AdamW does, called as their users call them."""
+import pytest
+import torch
+
+import mtc
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB, SEQ = 128, 16
+SMALL = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=64)
+CONFIGS = {
+    "llama": lambda: transformers.LlamaConfig(**SMALL),
+    "qwen2": lambda: transformers.Qwen2Config(**SMALL),
+    "qwen3": lambda: transformers.Qwen3Config(**SMALL, head_dim=16),
+    "mistral": lambda: transformers.MistralConfig(**SMALL),
+    "gemma": lambda: transformers.GemmaConfig(**SMALL, head_dim=16),
+    "gpt2": lambda: transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=4, n_head=4, n_positions=64,
+                                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
+}
+HP = mtc.AdamW(lr=1e-3, weight_decay=0.1)
+
+
+def _model(name):
+    torch.manual_seed(0)
+    config = CONFIGS[name]()
+    config.pad_token_id = config.bos_token_id = config.eos_token_id = 0
+    return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def _batches(padded: bool):
+    generator = torch.Generator().manual_seed(1)
+    batches = []
+    for _ in range(3):
+        ids = torch.randint(1, VOCAB, (2, SEQ), generator=generator)
+        batch = {"input_ids": ids, "labels": ids.clone()}
+        if padded:  # the second sequence ends in 5 padding positions, left out of the loss
+            mask = torch.ones_like(ids)
+            mask[1, -5:] = 0
+            batch["labels"][1, -5:] = -100
+            batch["attention_mask"] = mask
+        batches.append(batch)
+    return batches
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["full", "padded"])
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_three_steps_equal_eager_transformers(name, padded):
+    batches = _batches(padded)
+    reference = _model(name)
+    optimizer = torch.optim.AdamW(reference.parameters(), lr=HP.lr, betas=HP.betas, eps=HP.eps,
+                                  weight_decay=HP.weight_decay, fused=True)
+    expected = []
+    for batch in batches:
+        loss = reference(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+        expected.append(loss.item())
+
+    model = _model(name)
+    step = mtc.compile(model, "2MB", batches[0], optimizer=HP, clip_grad_norm=1.0, device="cpu", progress=False)
+    blocks = [s for s in step.plan.schedule.stages if s.name not in ("prologue", "epilogue")]
+    assert len(blocks) == 4, [s.name for s in step.plan.schedule.stages]  # one stage per decoder layer
+    assert len(step.plan.schedule.resident) < len(step.plan.schedule.stages)  # some stages stream
+    losses = [step(**batch).item() for batch in batches]
+    assert losses == pytest.approx(expected, rel=1e-5)
+    mine = dict(step.named_parameters())
+    for name_, value in reference.named_parameters():
+        torch.testing.assert_close(mine[name_], value.detach(), rtol=1e-5, atol=1e-6, msg=name_)
+
+
+def test_the_kv_cache_is_left_out_of_the_trace_and_the_config_left_as_it_was():
+    model = _model("llama")
+    assert model.config.use_cache
+    planned = mtc.plan(model, "2MB", _batches(False)[0], device="cpu")
+    assert planned.traced.tracer == "export" and model.config.use_cache is True
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_a_checkpoint_loads_with_from_pretrained_and_gives_the_same_logits(tmp_path, name):
+    batches = _batches(False)
+    step = mtc.compile(_model(name), "2MB", batches[0], optimizer=HP, device="cpu", progress=False)
+    for batch in batches[:2]:
+        step(**batch)
+    mtc.save(step, tmp_path / "ckpt")
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=torch.float32)
+    mine = dict(step.named_parameters())
+    expected = _model(name)
+    expected.load_state_dict(mine, strict=False)  # a tied head is the embedding: saved once
+    for name_, value in loaded.named_parameters():
+        assert torch.equal(value, mine[name_]), name_
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=batches[2]["input_ids"]).logits,
+                           expected(input_ids=batches[2]["input_ids"]).logits)
+    assert loaded.config.use_cache is True  # the saved config is the model's, not the training trace's
