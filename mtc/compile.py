@@ -114,7 +114,7 @@ def plan(model, gpu_mem="80GB", example=None, clip: bool = False, device=None, c
         return result
 
     # trace -> partition -> costs -> schedule -> lower -> validate; each consumes the one before.
-    traced = timed("trace", trace_pass, model, args, kwargs)
+    traced = timed("trace", trace_pass, model, args, kwargs, compute_dtype)
     partition = timed("partition", partition_pass, traced)
     params = dict(model.named_parameters())
     buffers = {**dict(model.named_buffers()), **traced.constants}

@@ -53,7 +53,11 @@ class _ThroughEveryModule(fx.Tracer):
         return False
 
 
-def trace_pass(model: torch.nn.Module, args: tuple, kwargs: dict) -> Traced:
+def trace_pass(model: torch.nn.Module, args: tuple, kwargs: dict,
+               compute_dtype: torch.dtype = torch.float32) -> Traced:
+    """compute_dtype: what the plan computes in. Export bakes the dtypes it sees into the graph (Hugging
+    Face's `x.to(input_dtype)` after a norm's fp32 upcast becomes `to(float32)`), so it traces with the
+    floating parameters in that dtype; fx traces symbolically and needs no such care."""
     signature = inspect.signature(model.forward)
     try:  # a wrong example is the user's mistake, not the tracers': say so before either tries
         signature.bind(*args, **kwargs)
@@ -64,7 +68,7 @@ def trace_pass(model: torch.nn.Module, args: tuple, kwargs: dict) -> Traced:
     except Exception as fx_error:  # fx fails on shape-dependent Python, **kwargs, ...
         try:
             with _without_kv_cache(model):
-                return _trace_export(model, args, kwargs)
+                return _trace_export(model, args, kwargs, compute_dtype)
         except Exception as export_error:
             where = _user_frame(export_error) or _user_frame(fx_error) or "unknown location"
             raise TraceError(
@@ -116,8 +120,42 @@ def _trace_fx(model, args, kwargs) -> Traced:
     return Traced(graph, "fx", flatten_inputs, params, buffers, constants)
 
 
-def _trace_export(model, args, kwargs) -> Traced:
-    exported = torch.export.export(model, tuple(args), dict(kwargs), strict=False)
+@contextlib.contextmanager
+def _parameters_as(model, dtype: torch.dtype):
+    """Every floating parameter replaced by a meta tensor of `dtype` (buffers keep theirs, as the runtime
+    keeps them), the originals back afterwards."""
+    swapped = []
+    for module in model.modules():
+        for name, parameter in list(module._parameters.items()):
+            if parameter is not None and parameter.is_floating_point() and parameter.dtype != dtype:
+                swapped.append((module, name, parameter))
+                module._parameters[name] = torch.nn.Parameter(
+                    torch.empty(parameter.shape, dtype=dtype, device="meta"), parameter.requires_grad)
+    try:
+        yield
+    finally:
+        for module, name, parameter in swapped:
+            module._parameters[name] = parameter
+
+
+def _on_meta(value):
+    return value.to("meta") if isinstance(value, torch.Tensor) else value
+
+
+def _trace_export(model, args, kwargs, compute_dtype: torch.dtype = torch.float32) -> Traced:
+    if compute_dtype == torch.float32:
+        exported = torch.export.export(model, tuple(args), dict(kwargs), strict=False)
+    else:  # on the meta device (the parameters are meta there): the device constants are retargeted anyway
+        with _parameters_as(model, compute_dtype):
+            meta_args, meta_kwargs = pytree.tree_map(_on_meta, (tuple(args), dict(kwargs)))
+            buffers = {name: b for name, b in model.named_buffers() if not b.is_meta}
+            for name, b in buffers.items():
+                _set_attr(model, name, b.to("meta"))
+            try:
+                exported = torch.export.export(model, meta_args, meta_kwargs, strict=False)
+            finally:
+                for name, b in buffers.items():
+                    _set_attr(model, name, b)
     module = exported.module()
     graph = module.graph
     for node in list(graph.nodes):
@@ -213,6 +251,15 @@ def _attributes(model, traced_module, graph):
             constants[node.target] = _fetch_attr(traced_module, node.target)
             buffers[node.target] = node.target
     return params, buffers, constants
+
+
+def _set_attr(model, target: str, value) -> None:
+    owner, _, name = target.rpartition(".")
+    module = model.get_submodule(owner)
+    if name in module._buffers:
+        module._buffers[name] = value
+    else:
+        setattr(module, name, value)
 
 
 def _fetch_attr(module, target: str):

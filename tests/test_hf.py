@@ -96,3 +96,18 @@ def test_a_checkpoint_loads_with_from_pretrained_and_gives_the_same_logits(tmp_p
         assert torch.equal(loaded(input_ids=batches[2]["input_ids"]).logits,
                            expected(input_ids=batches[2]["input_ids"]).logits)
     assert loaded.config.use_cache is True  # the saved config is the model's, not the training trace's
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma", "gpt2"])
+def test_in_bf16_the_first_loss_is_eager_transformers_with_bf16_weights(name):
+    # Export bakes the dtypes it sees: traced in fp32, a norm's cast back to its input's dtype would keep
+    # bf16 activations in fp32 and the next matmul would fail or run in fp32.
+    batch = _batches(True)[0]
+    reference = _model(name)
+    for parameter in reference.parameters():  # buffers (rotary tables) stay fp32, as mtc keeps them
+        parameter.data = parameter.data.to(torch.bfloat16)
+    with torch.no_grad():
+        expected = reference(**batch).loss.item()
+    step = mtc.compile(_model(name), "2MB", batch, optimizer=HP, device="cpu", compute_dtype=torch.bfloat16,
+                       progress=False)
+    assert step(**batch).item() == pytest.approx(expected, rel=1e-3)
