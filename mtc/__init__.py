@@ -3,10 +3,10 @@
     step = mtc.compile(model, gpu_mem="80GB", example=(input_ids, labels), optimizer=mtc.AdamW(lr=3e-4))
     loss = step(input_ids, labels)
 """
-from mtc.checkpoint import CheckpointError, load, save
+from mtc.checkpoint import CheckpointError, from_pretrained, load, save
 from mtc.compile import Step, compile, plan
 from mtc.config import AdamW, parse_bytes
 from mtc.plan import Plan
 
-__all__ = ["AdamW", "CheckpointError", "Plan", "Step", "compile", "load", "parse_bytes", "plan", "save"]
+__all__ = ["AdamW", "CheckpointError", "Plan", "Step", "compile", "from_pretrained", "load", "parse_bytes", "plan", "save"]
 __version__ = "0.1.0"

@@ -1,5 +1,6 @@
 """Checkpoints: `mtc.save(step, path)` writes everything a step needs to go on exactly where it stopped;
-`mtc.load(path, model, ...)` compiles the model again with that state.
+`mtc.load(path, model, ...)` compiles the model again with that state; `mtc.from_pretrained(path, ...)`
+compiles a Hugging Face checkpoint.
 
 A checkpoint is a directory of safetensors files and one JSON file, nothing pickled, nothing run on load:
 - model.safetensors (or model-0000i-of-0000n.safetensors + model.safetensors.index.json past SHARD_BYTES):
@@ -20,6 +21,7 @@ and renaming the new one in, load finds the old one and says so.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import json
@@ -151,6 +153,68 @@ def load(path, model: torch.nn.Module, gpu_mem="80GB", example=None, optimizer: 
     return step
 
 
+def from_pretrained(path, gpu_mem="80GB", example=None, **compile_options):
+    """A Step for the Hugging Face causal LM saved at `path` (a directory with config.json and
+    model.safetensors, or its shards and index), built on the meta device and filled from the safetensors
+    files a tensor at a time, so the host never holds more of the model than the store plus one tensor.
+    gpu_mem, example and the options are as for mtc.compile (the optimizer starts afresh)."""
+    from mtc.compile import compile
+
+    try:
+        import transformers
+    except ImportError:
+        raise ImportError("mtc.from_pretrained needs transformers (pip install 'transformers>=5')") from None
+    path = os.path.abspath(os.fspath(path))
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise CheckpointError(f"path={path!r} is not a Hugging Face model directory: it has no config.json")
+    try:
+        config = transformers.AutoConfig.from_pretrained(path)
+        with _parameters_on_meta():
+            model = transformers.AutoModelForCausalLM.from_config(config)
+    except ValueError as error:  # transformers names the model type it does not know
+        raise CheckpointError(f"{path}: {str(error).splitlines()[0]} mtc is tested on "
+                              f"{', '.join(TESTED_ARCHITECTURES)}") from None
+    weights = _Tensors(path, "model")
+    _check_shapes(path, weights, model)
+    compile_options.setdefault("init", _filler(model, weights, None))
+    return compile(model, gpu_mem, example, **compile_options)
+
+
+TESTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM",
+                        "GemmaForCausalLM", "GPT2LMHeadModel")
+
+
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Modules built here put their parameters on the meta device (buffers, such as rotary tables, are
+    made as usual): a model the size of the host is built without allocating it, and initialisers
+    run on meta tensors do nothing."""
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(module, name, parameter):
+        if parameter is not None and not parameter.is_meta:
+            parameter = torch.nn.Parameter(parameter.to("meta"), parameter.requires_grad)
+        register(module, name, parameter)
+
+    torch.nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
+
+
+def _check_shapes(path: str, weights: "_Tensors", model: torch.nn.Module) -> None:
+    missing = [name for name, _ in model.named_parameters() if name not in weights.where]
+    if missing:
+        raise CheckpointError(f"{path} lacks {len(missing)} of the model's parameters ({', '.join(missing[:3])}): "
+                              f"a checkpoint of another model or config")
+    differ = [(name, list(p.shape), weights.shape(name)) for name, p in model.named_parameters()
+              if list(p.shape) != weights.shape(name)]
+    if differ:
+        raise CheckpointError(f"{path}: tensor shapes disagree with config.json: " + ", ".join(
+            f"{name} is {saved} in the file, {mine} by the config" for name, mine, saved in differ[:3]))
+
+
 class _Tensors:
     """Tensors by name across a checkpoint's shards of one kind, read one at a time (never all at once)."""
 
@@ -173,6 +237,9 @@ class _Tensors:
                 raise CheckpointError(f"{os.path.join(path, name)} is not a whole safetensors file ({error})") from None
         self.where = where or {n: os.path.basename(single) for n in self.files[os.path.basename(single)].keys()}
         self.names = list(self.where)
+
+    def shape(self, name: str) -> list[int]:
+        return list(self.files[self.where[name]].get_slice(name).get_shape())
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self.where:
@@ -265,14 +332,14 @@ def _check_same_model(path: str, meta: dict, model: torch.nn.Module) -> None:
 
 def _filler(model: torch.nn.Module, weights: _Tensors, buffers: _Tensors | None):
     """An `init(module)` for mtc.compile that fills one module's own parameters and buffers from the
-    checkpoint."""
+    checkpoint (buffers=None: the parameters only; a Hugging Face checkpoint holds no rotary tables)."""
     prefixes = {id(module): name for name, module in model.named_modules()}
 
     def fill(module: torch.nn.Module) -> None:
         prefix = prefixes[id(module)]
         with torch.no_grad():
             for source, tensors in ((weights, module.named_parameters(recurse=False)),
-                                    (buffers, module.named_buffers(recurse=False))):
+                                    (buffers, module.named_buffers(recurse=False) if buffers else ())):
                 for name, tensor in tensors:
                     tensor.copy_(source[f"{prefix}.{name}" if prefix else name])
     return fill

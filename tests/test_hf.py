@@ -111,3 +111,41 @@ def test_in_bf16_the_first_loss_is_eager_transformers_with_bf16_weights(name):
     step = mtc.compile(_model(name), "2MB", batch, optimizer=HP, device="cpu", compute_dtype=torch.bfloat16,
                        progress=False)
     assert step(**batch).item() == pytest.approx(expected, rel=1e-3)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2", "gpt2"])
+def test_from_pretrained_trains_as_the_model_transformers_loads(tmp_path, name):
+    _model(name).save_pretrained(tmp_path / "model", max_shard_size="100KB")  # sharded, with an index
+    assert (tmp_path / "model" / "model.safetensors.index.json").exists()
+    batches = _batches(True)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.float32)
+    optimizer = torch.optim.AdamW(reference.parameters(), lr=HP.lr, betas=HP.betas, eps=HP.eps,
+                                  weight_decay=HP.weight_decay, fused=True)
+    expected = []
+    for batch in batches:
+        loss = reference(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        expected.append(loss.item())
+    step = mtc.from_pretrained(tmp_path / "model", "2MB", batches[0], optimizer=HP, device="cpu", progress=False)
+    assert all(p.is_meta for p in step._settings["model"].parameters())  # never whole on the host
+    assert [step(**batch).item() for batch in batches] == pytest.approx(expected, rel=1e-5)
+
+
+def test_from_pretrained_refuses_what_is_not_that_model(tmp_path):
+    with pytest.raises(mtc.CheckpointError, match="is not a Hugging Face model directory: it has no config.json"):
+        mtc.from_pretrained(tmp_path, "2MB", _batches(False)[0], device="cpu")
+    _model("llama").save_pretrained(tmp_path / "m")
+    config = (tmp_path / "m" / "config.json")
+    config.write_text(config.read_text().replace('"intermediate_size": 128', '"intermediate_size": 96'))
+    with pytest.raises(mtc.CheckpointError, match="tensor shapes disagree with config.json: .*mlp.* is \\[128, 64\\] "
+                                                  "in the file, \\[96, 64\\] by the config"):
+        mtc.from_pretrained(tmp_path / "m", "2MB", _batches(False)[0], device="cpu")
+    weights = tmp_path / "m" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])
+    with pytest.raises(mtc.CheckpointError, match="is not a whole safetensors file"):
+        mtc.from_pretrained(tmp_path / "m", "2MB", _batches(False)[0], device="cpu")
+    config.write_text(config.read_text().replace('"model_type": "llama"', '"model_type": "no-such-model"'))
+    with pytest.raises(mtc.CheckpointError, match="mtc is tested on LlamaForCausalLM"):
+        mtc.from_pretrained(tmp_path / "m", "2MB", _batches(False)[0], device="cpu")
