@@ -100,16 +100,22 @@ def save(step, path, data_position: dict | None = None) -> str:
     return path
 
 
-def load(path, model: torch.nn.Module, gpu_mem="80GB", example=None, optimizer: AdamW | None = None,
+def load(path, model: torch.nn.Module | None = None, gpu_mem="80GB", example=None, optimizer: AdamW | None = None,
          clip_grad_norm="saved", **compile_options):
-    """A Step for `model` (the same architecture, on the meta device or materialised) that goes on from the
-    checkpoint at `path`: weights, AdamW moments and step counts, RNG state, step count and data position
-    (step.data_position). The optimizer's hyperparameters and clipping are the saved ones unless given;
-    gpu_mem, example and the other options are as for mtc.compile (the plan may differ from the saved one:
-    the state is per parameter)."""
+    """A Step for `model` (the same architecture, on the meta device or materialised; None for a Hugging
+    Face model, rebuilt from the checkpoint's config.json) that goes on from the checkpoint at `path`:
+    weights, AdamW moments and step counts, RNG state, step count and data position (step.data_position).
+    The optimizer's hyperparameters and clipping are the saved ones unless given; gpu_mem, example and the
+    other options are as for mtc.compile (the plan may differ from the saved one: the state is per
+    parameter)."""
     from mtc.compile import compile
 
     path = _readable(path)
+    if model is None:
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise CheckpointError(f"{path} holds no config.json (not a Hugging Face model's checkpoint): pass the "
+                                  f"model it was saved from as model=")
+        model = _hugging_face_model(path)
     with open(os.path.join(path, META)) as f:
         meta = json.load(f)
     if meta.get("format") != FORMAT:
@@ -160,24 +166,29 @@ def from_pretrained(path, gpu_mem="80GB", example=None, **compile_options):
     gpu_mem, example and the options are as for mtc.compile (the optimizer starts afresh)."""
     from mtc.compile import compile
 
-    try:
-        import transformers
-    except ImportError:
-        raise ImportError("mtc.from_pretrained needs transformers (pip install 'transformers>=5')") from None
     path = os.path.abspath(os.fspath(path))
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise CheckpointError(f"path={path!r} is not a Hugging Face model directory: it has no config.json")
-    try:
-        config = transformers.AutoConfig.from_pretrained(path)
-        with _parameters_on_meta():
-            model = transformers.AutoModelForCausalLM.from_config(config)
-    except ValueError as error:  # transformers names the model type it does not know
-        raise CheckpointError(f"{path}: {str(error).splitlines()[0]} mtc is tested on "
-                              f"{', '.join(TESTED_ARCHITECTURES)}") from None
+    model = _hugging_face_model(path)
     weights = _Tensors(path, "model")
     _check_shapes(path, weights, model)
     compile_options.setdefault("init", _filler(model, weights, None))
     return compile(model, gpu_mem, example, **compile_options)
+
+
+def _hugging_face_model(path: str) -> torch.nn.Module:
+    """The causal LM config.json at `path` describes, its parameters on the meta device."""
+    try:
+        import transformers
+    except ImportError:
+        raise ImportError("a Hugging Face model needs transformers (pip install 'transformers>=5')") from None
+    try:
+        config = transformers.AutoConfig.from_pretrained(path)
+        with _parameters_on_meta():
+            return transformers.AutoModelForCausalLM.from_config(config)
+    except ValueError as error:  # transformers names the model type it does not know
+        raise CheckpointError(f"{path}: {str(error).splitlines()[0]} mtc is tested on "
+                              f"{', '.join(TESTED_ARCHITECTURES)}") from None
 
 
 TESTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM",

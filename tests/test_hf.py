@@ -1,5 +1,7 @@
 """Hugging Face transformers causal LMs compile through mtc (torch.export) and train as eager transformers
 with torch.optim.AdamW does, called as their users call them."""
+import shutil
+
 import pytest
 import torch
 
@@ -149,3 +151,20 @@ def test_from_pretrained_refuses_what_is_not_that_model(tmp_path):
     config.write_text(config.read_text().replace('"model_type": "llama"', '"model_type": "no-such-model"'))
     with pytest.raises(mtc.CheckpointError, match="mtc is tested on LlamaForCausalLM"):
         mtc.from_pretrained(tmp_path / "m", "2MB", _batches(False)[0], device="cpu")
+
+
+def test_a_hugging_face_checkpoint_resumes_without_the_model_object(tmp_path):
+    batches = _batches(True) * 2
+    whole = mtc.compile(_model("qwen2"), "2MB", batches[0], optimizer=HP, clip_grad_norm=1.0, device="cpu",
+                        progress=False)
+    expected = [whole(**batch).item() for batch in batches]
+    first = mtc.compile(_model("qwen2"), "2MB", batches[0], optimizer=HP, clip_grad_norm=1.0, device="cpu",
+                        progress=False)
+    losses = [first(**batch).item() for batch in batches[:3]]
+    mtc.save(first, tmp_path / "ckpt")
+    resumed = mtc.load(tmp_path / "ckpt", gpu_mem="2MB", example=batches[0], device="cpu", progress=False)
+    assert losses + [resumed(**batch).item() for batch in batches[3:]] == expected
+    shutil.copytree(tmp_path / "ckpt", tmp_path / "other")
+    (tmp_path / "other" / "config.json").unlink()
+    with pytest.raises(mtc.CheckpointError, match="holds no config.json .*pass the model it was saved from"):
+        mtc.load(tmp_path / "other", gpu_mem="2MB", example=batches[0], device="cpu")
