@@ -75,3 +75,61 @@ def batches(
         offsets = torch.randint(0, last_offset + 1, (batch, 1), generator=generator)
         index = (offsets + window).to(tokens.device)
         yield tokens[index], tokens[index + 1]
+
+
+def load_tokens(path: str, vocab_size: int, tokenizer=None) -> torch.Tensor:
+    """Token ids from `path` as a 1-D long tensor, checked against the model's vocabulary:
+    - a ``.bin`` file: token ids, little-endian uint16 when the vocabulary fits 16 bits, else uint32;
+    - a Hugging Face datasets directory (``datasets.save_to_disk``): its ``input_ids`` column, or its
+      ``text`` column through ``tokenizer``;
+    - a text file or a directory of ``*.txt`` files (sorted): through ``tokenizer``, or as bytes when
+      there is none (byte-level vocabularies).
+    """
+    source = Path(path)
+    if not source.exists():
+        raise FileNotFoundError(f"--data={path!r} does not exist; expected a .bin of token ids, a text file, "
+                                f"a directory of .txt files or a saved Hugging Face dataset")
+    if source.is_file() and source.suffix == ".bin":
+        dtype = torch.uint16 if vocab_size <= 1 << 16 else torch.uint32
+        raw = source.read_bytes()
+        if len(raw) % dtype.itemsize:
+            raise ValueError(f"--data={path!r} has {len(raw)} bytes, not a whole number of {dtype} token ids")
+        tokens = torch.frombuffer(bytearray(raw), dtype=dtype).to(torch.long)
+    elif source.is_dir() and (source / "dataset_info.json").exists():
+        tokens = _dataset_tokens(source, tokenizer)
+    else:
+        files = sorted(source.rglob("*.txt")) if source.is_dir() else [source]
+        if not files:
+            raise ValueError(f"--data={path!r} is a directory without .txt files or a saved dataset")
+        text = "\n".join(f.read_text(errors="replace") for f in files)
+        tokens = load_tokens_of_text(text, vocab_size, tokenizer, path)
+    if tokens.numel() and int(tokens.max()) >= vocab_size:
+        raise ValueError(f"--data={path!r} holds token id {int(tokens.max())}, past the model's vocabulary of "
+                         f"{vocab_size}" + (" (a .bin is read as uint16 for vocabularies up to 65536)"
+                                            if source.suffix == ".bin" else ""))
+    return tokens
+
+
+def load_tokens_of_text(text: str, vocab_size: int, tokenizer, path: str) -> torch.Tensor:
+    """`text` through `tokenizer`, or as bytes when there is none."""
+    if tokenizer is not None:
+        return torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
+    if vocab_size < 256:
+        raise ValueError(f"--data={path!r} is text and the model has no tokenizer and a vocabulary of {vocab_size} "
+                         f"(bytes need 256); give a .bin of token ids")
+    return torch.frombuffer(bytearray(text.encode()), dtype=torch.uint8).to(torch.long)
+
+
+def _dataset_tokens(source: Path, tokenizer) -> torch.Tensor:
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError(f"--data={str(source)!r} is a saved Hugging Face dataset; reading it needs "
+                          f"`pip install datasets`") from None
+    dataset = datasets.load_from_disk(str(source))
+    if "input_ids" in dataset.column_names:
+        return torch.tensor([t for row in dataset["input_ids"] for t in row], dtype=torch.long)
+    if "text" in dataset.column_names and tokenizer is not None:
+        return torch.tensor([t for text in dataset["text"] for t in tokenizer(text)["input_ids"]], dtype=torch.long)
+    raise ValueError(f"--data={str(source)!r} has columns {dataset.column_names}; expected input_ids, or text "
+                     f"with a model directory that holds a tokenizer")

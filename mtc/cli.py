@@ -23,8 +23,16 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="mtc", description=__doc__)
     commands = parser.add_subparsers(dest="command")
 
-    train = commands.add_parser("train", help="train a preset model (default: tiny, on the built-in corpus)")
+    train = commands.add_parser("train", help="train a preset or a Hugging Face model (default: tiny, on the "
+                                              "built-in corpus)")
     _model_arguments(train, batch="8x128", gpu_mem="80GB")
+    train.add_argument("--model", default=None, metavar="DIR|PRESET",
+                       help="a Hugging Face model directory (config.json and safetensors) or a preset, as --preset")
+    train.add_argument("--data", default=None, metavar="PATH",
+                       help="token ids (.bin: uint16, uint32 past 65536 words), text (a file or a directory of "
+                            ".txt; through the model directory's tokenizer, else bytes) or a saved Hugging Face "
+                            "dataset (input_ids or text) (default: the Python standard library's source)")
+    train.add_argument("--log-dir", default=None, metavar="DIR", help="also log loss and tokens/s for TensorBoard")
     train.add_argument("--steps", type=int, default=150, help="optimizer steps (default 150)")
     train.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (default 3e-3)")
     train.add_argument("--weight-decay", type=float, default=0.1)
@@ -139,48 +147,113 @@ def _train(args) -> int:
         raise ValueError(f"--steps={args.steps} is not valid; expected an integer >= 1")
     if args.save_every < 0:
         raise ValueError(f"--save-every={args.save_every} is not valid; expected an integer >= 0 (0: never)")
-    checkpoint = args.checkpoint or os.path.join("runs", args.preset)
+    source = _TrainedModel(args.model or args.preset)
+    writer = _tensorboard(args.log_dir) if args.log_dir else None
+    checkpoint = args.checkpoint or os.path.join("runs", source.name)
     torch.manual_seed(args.seed)
-    stream = data.batches(data.stdlib_corpus(), batch, seq, seed=args.seed)
+    tokens, described = source.tokens(args.data)
+    stream = (source.call(pair) for pair in data.batches(tokens, batch, seq, seed=args.seed))
     started = time.perf_counter()
     if args.resume:
-        model = models.build(args.preset, device="meta")
         # The first batch only shows the shapes; the checkpoint says how many the run had read.
-        step = mtc.load(checkpoint, model, gpu_mem=args.gpu_mem, example=next(stream), device=args.device)
-        stream = data.batches(data.stdlib_corpus(), batch, seq, seed=args.seed)
+        step = mtc.load(checkpoint, source.meta_model(), gpu_mem=args.gpu_mem, example=next(stream),
+                        device=args.device)
+        stream = (source.call(pair) for pair in data.batches(tokens, batch, seq, seed=args.seed))
         for _ in range(step.data_position["batches"]):
             next(stream)
         print(f"resumed from {checkpoint} after {step.steps} steps")
     else:
-        model = models.build(args.preset)
         example = next(stream)
         stream = itertools.chain([example], stream)
-        step = mtc.compile(model, gpu_mem=args.gpu_mem, example=example, device=args.device,
-                           optimizer=mtc.AdamW(lr=args.lr, weight_decay=args.weight_decay),
-                           clip_grad_norm=args.clip or None)
+        step = source.compile(gpu_mem=args.gpu_mem, example=example, device=args.device,
+                              optimizer=mtc.AdamW(lr=args.lr, weight_decay=args.weight_decay),
+                              clip_grad_norm=args.clip or None)
     print(step.plan.summary())
-    print(f"compiled in {time.perf_counter() - started:.1f} s; training {models.parameter_count(model):,} "
-          f"parameters on {batch}x{seq} tokens of the Python standard library's source, byte by byte")
+    params = sum(p.numel() for _, p in step.named_parameters())
+    print(f"compiled in {time.perf_counter() - started:.1f} s; training {params:,} parameters on {batch}x{seq} "
+          f"tokens of {described}")
     if args.save_plan:
         step.plan.save(args.save_plan)
     first = last = None
-    tokens, started, done = 0, time.perf_counter(), step.steps
+    seen, started, done = 0, time.perf_counter(), step.steps
     with tqdm(range(done, args.steps), unit="step", dynamic_ncols=True, initial=done, total=args.steps) as bar:
         for _ in bar:
-            input_ids, labels = next(stream)
-            last = float(step(input_ids, labels))
+            inputs = next(stream)
+            last = float(step(**inputs))
             first = last if first is None else first
-            tokens += input_ids.numel()
-            bar.set_postfix(loss=f"{last:.3f}", tok_s=f"{tokens / (time.perf_counter() - started):,.0f}")
+            seen += inputs["input_ids"].numel()
+            rate = seen / (time.perf_counter() - started)
+            bar.set_postfix(loss=f"{last:.3f}", tok_s=f"{rate:,.0f}")
+            if writer:
+                writer.add_scalar("loss", last, step.steps)
+                writer.add_scalar("tokens_per_s", rate, step.steps)
             if args.save_every and (step.steps % args.save_every == 0 or step.steps == args.steps):
                 mtc.save(step, checkpoint, data_position={"batches": step.steps})
+    if writer:
+        writer.close()
     if first is None:
         print(f"the checkpoint is already at step {done}; nothing to do for --steps={args.steps}")
         return 0
     print(f"loss {first:.3f} -> {last:.6f} in steps {done + 1}-{args.steps}, "
-          f"{tokens / (time.perf_counter() - started):,.0f} tokens/s"
+          f"{seen / (time.perf_counter() - started):,.0f} tokens/s"
           + (f"; checkpoint in {checkpoint}" if args.save_every else ""))
     return 0
+
+
+class _TrainedModel:
+    """What `mtc train --model` names: a preset (mtc's example Llama, called with (input_ids, labels) already
+    shifted) or a Hugging Face model directory (called with input_ids and labels, which it shifts itself)."""
+
+    def __init__(self, value: str):
+        self.directory = value if os.path.isdir(value) else None
+        if self.directory is None:
+            try:
+                models.preset_config(value)
+            except ValueError as error:
+                raise ValueError(f"--model={value!r} is neither a model directory nor a preset: {error}") from None
+            self.preset = self.name = value
+            self.vocab_size = models.preset_config(self.preset).vocab_size
+            self.tokenizer = None
+            return
+        if not os.path.isfile(os.path.join(value, "config.json")):
+            raise ValueError(f"--model={value!r} is a directory without config.json; expected a Hugging Face model "
+                             f"directory or a preset ({', '.join(sorted(models.PRESETS))})")
+        import transformers
+
+        self.name = os.path.basename(os.path.normpath(value))
+        self.vocab_size = transformers.AutoConfig.from_pretrained(value).vocab_size
+        has_tokenizer = any(os.path.exists(os.path.join(value, f)) for f in ("tokenizer.json", "tokenizer_config.json"))
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(value) if has_tokenizer else None
+
+    def tokens(self, path: str | None) -> tuple[torch.Tensor, str]:
+        if path:
+            return data.load_tokens(path, self.vocab_size, self.tokenizer), path
+        corpus = data.stdlib_corpus()
+        if self.tokenizer is None and self.vocab_size >= 256:
+            return corpus, "the Python standard library's source, byte by byte"
+        text = bytes(corpus.to(torch.uint8).tolist()).decode(errors="replace")
+        return data.load_tokens_of_text(text, self.vocab_size, self.tokenizer, "the built-in corpus"), \
+            "the Python standard library's source"
+
+    def call(self, pair) -> dict:
+        input_ids, shifted = pair
+        return {"input_ids": input_ids, "labels": input_ids if self.directory else shifted}
+
+    def meta_model(self):
+        return None if self.directory else models.build(self.preset, device="meta")
+
+    def compile(self, **options):
+        if self.directory:
+            return mtc.from_pretrained(self.directory, **options)
+        return mtc.compile(models.build(self.preset), **options)
+
+
+def _tensorboard(directory: str):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ValueError(f"--log-dir={directory!r} needs TensorBoard: pip install tensorboard") from None
+    return SummaryWriter(directory)
 
 
 def _plan(args) -> int:

@@ -183,3 +183,17 @@ def test_mtc_train_resumed_from_its_checkpoint_ends_where_an_unbroken_run_ends(t
     assert "--save-every=-1 is not valid" in capsys.readouterr().err
     assert main(common + ["--steps", "4", "--resume", "--checkpoint", str(tmp_path / "none")]) == 2
     assert "is not a directory; expected a checkpoint mtc.save wrote" in capsys.readouterr().err
+
+
+def test_mtc_train_reads_text_as_bytes_for_a_byte_level_preset(tmp_path, capsys):
+    from mtc.cli import main
+
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "a.txt").write_text("the quick brown fox jumps over the lazy dog\n" * 50)
+    (tmp_path / "texts" / "b.txt").write_text("pack my box with five dozen liquor jugs\n" * 50)
+    argv = ["train", "--preset", "tiny", "--data", str(tmp_path / "texts"), "--batch", "2x32", "--steps", "20",
+            "--device", "cpu"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    first, last = (float(x) for x in out.splitlines()[-1].split(" in steps")[0].removeprefix("loss ").split(" -> "))
+    assert last < first - 1.0  # two repeated sentences are learned fast

@@ -1,5 +1,6 @@
 """Hugging Face transformers causal LMs compile through mtc (torch.export) and train as eager transformers
 with torch.optim.AdamW does, called as their users call them."""
+import importlib.util
 import shutil
 
 import pytest
@@ -168,3 +169,45 @@ def test_a_hugging_face_checkpoint_resumes_without_the_model_object(tmp_path):
     (tmp_path / "other" / "config.json").unlink()
     with pytest.raises(mtc.CheckpointError, match="holds no config.json .*pass the model it was saved from"):
         mtc.load(tmp_path / "other", gpu_mem="2MB", example=batches[0], device="cpu")
+
+
+def _hf_dir_and_tokens(tmp_path):
+    _model("llama").save_pretrained(tmp_path / "model")
+    generator = torch.Generator().manual_seed(0)
+    torch.randint(1, VOCAB, (4000,), generator=generator).to(torch.int16).numpy().tofile(tmp_path / "tokens.bin")
+    return str(tmp_path / "model"), str(tmp_path / "tokens.bin")
+
+
+def test_mtc_train_a_hugging_face_directory_on_token_ids_and_resume_it(tmp_path, capsys):
+    from mtc.cli import main
+
+    model, tokens = _hf_dir_and_tokens(tmp_path)
+    common = ["train", "--model", model, "--data", tokens, "--batch", "2x16", "--gpu-mem", "2MB", "--device", "cpu"]
+    assert main(common + ["--steps", "5"]) == 0
+    unbroken = capsys.readouterr().out.splitlines()
+    assert f"training {sum(p.numel() for p in _model('llama').parameters()):,} parameters on 2x16 tokens of {tokens}" \
+        in "\n".join(unbroken)
+    checkpoint = str(tmp_path / "ckpt")
+    assert main(common + ["--steps", "3", "--save-every", "3", "--checkpoint", checkpoint]) == 0
+    assert main(common + ["--steps", "5", "--resume", "--checkpoint", checkpoint]) == 0
+    resumed = capsys.readouterr().out.splitlines()
+    assert resumed[-1].split(" in steps")[0].split("-> ")[1] == unbroken[-1].split(" in steps")[0].split("-> ")[1]
+    assert (tmp_path / "ckpt" / "config.json").exists()
+
+
+def test_mtc_train_refuses_data_and_models_it_cannot_use(tmp_path, capsys):
+    from mtc.cli import main
+
+    model, tokens = _hf_dir_and_tokens(tmp_path)
+    common = ["train", "--batch", "2x16", "--gpu-mem", "2MB", "--device", "cpu", "--steps", "1"]
+    torch.full((100,), VOCAB, dtype=torch.int16).numpy().tofile(tmp_path / "big.bin")
+    cases = [(["--model", model, "--data", str(tmp_path / "big.bin")], f"holds token id {VOCAB}, past the model's "
+                                                                        f"vocabulary of {VOCAB}"),
+             (["--model", model, "--data", str(tmp_path / "none.bin")], "does not exist; expected a .bin"),
+             (["--model", str(tmp_path)], "is a directory without config.json"),
+             (["--model", "no-such-preset"], "no-such-preset")]
+    if importlib.util.find_spec("tensorboard") is None:
+        cases.append((["--log-dir", str(tmp_path / "logs")], "needs TensorBoard: pip install tensorboard"))
+    for argv, message in cases:
+        assert main(common + argv) == 2, argv
+        assert message in capsys.readouterr().err, argv
