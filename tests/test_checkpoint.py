@@ -197,3 +197,20 @@ def test_mtc_train_reads_text_as_bytes_for_a_byte_level_preset(tmp_path, capsys)
     out = capsys.readouterr().out
     first, last = (float(x) for x in out.splitlines()[-1].split(" in steps")[0].removeprefix("loss ").split(" -> "))
     assert last < first - 1.0  # two repeated sentences are learned fast
+
+
+def test_a_checkpoint_resumes_under_another_plan(tmp_path):
+    # The state is saved per parameter: a run saved streaming every stage goes on with most of them resident.
+    batches = _batches()
+    torch.manual_seed(1)
+    whole = _compile(_fresh(llama), batches[0])
+    expected = _train(whole, batches)
+    torch.manual_seed(1)
+    first = mtc.compile(_fresh(llama), "2.8MB", batches[0], optimizer=mtc.AdamW(lr=1e-3, weight_decay=0.1),
+                        clip_grad_norm=1.0, device="cpu", progress=False)
+    assert first.plan.schedule.resident == []
+    losses = _train(first, batches[:3])
+    mtc.save(first, tmp_path / "ckpt")
+    resumed = mtc.load(tmp_path / "ckpt", _fresh(llama), "50MB", batches[0], device="cpu", progress=False)
+    assert len(resumed.plan.schedule.resident) >= 5
+    assert losses + _train(resumed, batches[3:]) == pytest.approx(expected, rel=1e-6)
