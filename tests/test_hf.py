@@ -211,3 +211,18 @@ def test_mtc_train_refuses_data_and_models_it_cannot_use(tmp_path, capsys):
     for argv, message in cases:
         assert main(common + argv) == 2, argv
         assert message in capsys.readouterr().err, argv
+
+
+@pytest.mark.gpu
+def test_on_the_gpu_a_hugging_face_model_trains_in_bf16_from_its_checkpoint(tmp_path):
+    _model("llama").save_pretrained(tmp_path / "model")
+    batch = {k: v.cuda() for k, v in _batches(True)[0].items()}
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.float32).cuda()
+    for parameter in reference.parameters():
+        parameter.data = parameter.data.to(torch.bfloat16)
+    with torch.no_grad():
+        expected = reference(**batch).loss.item()
+    step = mtc.from_pretrained(tmp_path / "model", "80GB", batch, optimizer=HP, progress=False)
+    losses = [step(**batch).item() for _ in range(3)]
+    assert losses[0] == pytest.approx(expected, rel=1e-2)
+    assert losses[2] < losses[0]
