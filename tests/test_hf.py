@@ -47,21 +47,28 @@ def _batches(padded: bool):
     return batches
 
 
+def _eager_losses(model, batches, clip: float | None) -> list[float]:
+    """Eager transformers with torch.optim.AdamW(fused=True) at HP, one step per batch (updating `model`)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=HP.lr, betas=HP.betas, eps=HP.eps,
+                                  weight_decay=HP.weight_decay, fused=True)
+    losses = []
+    for batch in batches:
+        loss = model(**batch).loss
+        loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
 @pytest.mark.parametrize("padded", [False, True], ids=["full", "padded"])
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_three_steps_equal_eager_transformers(name, padded):
     batches = _batches(padded)
     reference = _model(name)
-    optimizer = torch.optim.AdamW(reference.parameters(), lr=HP.lr, betas=HP.betas, eps=HP.eps,
-                                  weight_decay=HP.weight_decay, fused=True)
-    expected = []
-    for batch in batches:
-        loss = reference(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad()
-        expected.append(loss.item())
+    expected = _eager_losses(reference, batches, clip=1.0)
 
     model = _model(name)
     step = mtc.compile(model, "2MB", batches[0], optimizer=HP, clip_grad_norm=1.0, device="cpu", progress=False)
@@ -122,15 +129,7 @@ def test_from_pretrained_trains_as_the_model_transformers_loads(tmp_path, name):
     assert (tmp_path / "model" / "model.safetensors.index.json").exists()
     batches = _batches(True)
     reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.float32)
-    optimizer = torch.optim.AdamW(reference.parameters(), lr=HP.lr, betas=HP.betas, eps=HP.eps,
-                                  weight_decay=HP.weight_decay, fused=True)
-    expected = []
-    for batch in batches:
-        loss = reference(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        expected.append(loss.item())
+    expected = _eager_losses(reference, batches, clip=None)
     step = mtc.from_pretrained(tmp_path / "model", "2MB", batches[0], optimizer=HP, device="cpu", progress=False)
     assert all(p.is_meta for p in step._settings["model"].parameters())  # never whole on the host
     assert [step(**batch).item() for batch in batches] == pytest.approx(expected, rel=1e-5)
