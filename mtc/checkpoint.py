@@ -316,7 +316,7 @@ def _readable(path) -> str:
     if os.path.isfile(os.path.join(path, META)):
         return path
     parent, base = os.path.split(path)
-    aside = sorted(glob.glob(os.path.join(glob.escape(parent), f".{glob.escape(base)}.replaced-*", base, META)),
+    aside = sorted(glob.glob(os.path.join(glob.escape(parent), f".{glob.escape(base)}.replaced-*", glob.escape(base), META)),
                    key=os.path.getmtime)
     if not os.path.exists(path) and aside:
         found = os.path.dirname(aside[-1])
