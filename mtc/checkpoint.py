@@ -31,6 +31,7 @@ import tempfile
 import warnings
 
 import torch
+from tqdm import tqdm
 
 from mtc.config import AdamW
 
@@ -44,10 +45,10 @@ class CheckpointError(ValueError):
     """The directory is not a checkpoint this model and this mtc can resume from."""
 
 
-def save(step, path, data_position: dict | None = None) -> str:
+def save(step, path, data_position: dict | None = None, progress: bool = True) -> str:
     """Write `step`'s weights, optimizer state, RNG state and step count to the directory `path` (made or
     replaced whole); `data_position`: JSON-serialisable state of the caller's data (given back by load as
-    step.data_position). Returns the path."""
+    step.data_position); progress: a bar over the bytes written (16 per parameter). Returns the path."""
     from safetensors.torch import save_file
 
     import mtc
@@ -67,16 +68,19 @@ def save(step, path, data_position: dict | None = None) -> str:
     staging = tempfile.mkdtemp(prefix=f".{base}.saving-", dir=parent)
     try:
         weights = dict(step.named_parameters())
-        _write_sharded(staging, "model", weights, save_file)
         state = {}
         for group in store.all_groups():
             for piece in group.slices:
                 state[f"exp_avg.{piece.name}"] = group.view(group.exp_avg, piece)
                 state[f"exp_avg_sq.{piece.name}"] = group.view(group.exp_avg_sq, piece)
                 state[f"step.{piece.name}"] = group.step
-        _write_sharded(staging, "optimizer", state, save_file)
-        if store.buffers:
-            _write_sharded(staging, "buffers", store.buffers, save_file)
+        kinds = {"model": weights, "optimizer": state, "buffers": store.buffers}
+        total = sum(_nbytes(t) for tensors in kinds.values() for t in tensors.values())
+        with tqdm(total=total, unit="B", unit_scale=True, desc=f"mtc: saving {base}", leave=False,
+                  disable=not progress or None) as bar:
+            for kind, tensors in kinds.items():
+                if tensors:
+                    _write_sharded(staging, kind, tensors, save_file, bar.update)
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             rng |= {f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
@@ -258,11 +262,16 @@ class _Tensors:
         return self.files[self.where[name]].get_tensor(name)
 
 
-def _write_sharded(directory: str, kind: str, tensors: dict[str, torch.Tensor], save_file) -> None:
-    """Hugging Face's layout: one file, or numbered shards of at most SHARD_BYTES and an index."""
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def _write_sharded(directory: str, kind: str, tensors: dict[str, torch.Tensor], save_file, written=None) -> None:
+    """Hugging Face's layout: one file, or numbered shards of at most SHARD_BYTES and an index;
+    written(bytes) after each shard."""
     shards, current, size = [], {}, 0
     for name, tensor in tensors.items():
-        nbytes = tensor.numel() * tensor.element_size()
+        nbytes = _nbytes(tensor)
         if current and size + nbytes > SHARD_BYTES:
             shards.append(current)
             current, size = {}, 0
@@ -274,8 +283,10 @@ def _write_sharded(directory: str, kind: str, tensors: dict[str, torch.Tensor], 
         # Copies: safetensors refuses views that share one buffer (the store keeps a stage's tensors in one).
         save_file({name: t.detach().to("cpu", copy=True).contiguous() for name, t in shard.items()},
                   os.path.join(directory, file), metadata={"format": "pt"})
+        if written:
+            written(sum(_nbytes(t) for t in shard.values()))
     if len(shards) > 1:
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        total = sum(_nbytes(t) for t in tensors.values())
         with open(os.path.join(directory, f"{kind}.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {"total_size": total},
                        "weight_map": {name: file for file, shard in zip(files, shards) for name in shard}}, f, indent=1)
