@@ -231,11 +231,11 @@ def _check_shapes(path: str, weights: "_Tensors", model: torch.nn.Module) -> Non
 
 
 class _Tensors:
-    """Tensors by name across a checkpoint's shards of one kind, read one at a time (never all at once)."""
+    """Tensors by name across a checkpoint's shards of one kind, read one at a time (never all at once).
+    One shard is open at a time: an open shard is mapped into memory, and its pages count in the process's
+    RSS while it stays open."""
 
     def __init__(self, path: str, kind: str):
-        from safetensors import safe_open
-
         single, index = os.path.join(path, f"{kind}.safetensors"), os.path.join(path, f"{kind}.safetensors.index.json")
         if os.path.isfile(index):
             with open(index) as f:
@@ -244,22 +244,31 @@ class _Tensors:
             where = None
         else:
             raise CheckpointError(f"{path} has neither {kind}.safetensors nor {kind}.safetensors.index.json")
-        self.files = {}
+        self.path, self._open = path, (None, None)
         for name in sorted(set(where.values())) if where else [os.path.basename(single)]:
-            try:
-                self.files[name] = safe_open(os.path.join(path, name), framework="pt")
-            except Exception as error:  # safetensors raises its own error types for a cut or corrupt file
-                raise CheckpointError(f"{os.path.join(path, name)} is not a whole safetensors file ({error})") from None
-        self.where = where or {n: os.path.basename(single) for n in self.files[os.path.basename(single)].keys()}
+            keys = self._file(name).keys()  # checks every shard's header up front: a cut file fails here
+        self.where = where or {n: os.path.basename(single) for n in keys}
         self.names = list(self.where)
 
+    def _file(self, name: str):
+        from safetensors import safe_open
+
+        if self._open[0] != name:
+            self._open = (None, None)  # the previous shard is unmapped before the next is opened
+            try:
+                self._open = (name, safe_open(os.path.join(self.path, name), framework="pt"))
+            except Exception as error:  # safetensors raises its own error types for a cut or corrupt file
+                raise CheckpointError(f"{os.path.join(self.path, name)} is not a whole safetensors file "
+                                      f"({error})") from None
+        return self._open[1]
+
     def shape(self, name: str) -> list[int]:
-        return list(self.files[self.where[name]].get_slice(name).get_shape())
+        return list(self._file(self.where[name]).get_slice(name).get_shape())
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self.where:
             raise CheckpointError(f"the checkpoint holds no tensor {name!r}")
-        return self.files[self.where[name]].get_tensor(name)
+        return self._file(self.where[name]).get_tensor(name)
 
 
 def _nbytes(tensor: torch.Tensor) -> int:

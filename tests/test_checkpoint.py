@@ -142,7 +142,7 @@ def test_a_cut_shard_is_reported_and_the_directory_left_alone(tmp_path):
     step = _compile(_fresh(llama), tokens())
     mtc.save(step, tmp_path / "ckpt")
     weights = tmp_path / "ckpt" / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:1000])
+    weights.write_bytes(weights.read_bytes()[:-100])  # the data cut short, the header whole
     with pytest.raises(mtc.CheckpointError, match="model.safetensors is not a whole safetensors file"):
         mtc.load(tmp_path / "ckpt", _fresh(llama), BUDGET, tokens(), device="cpu", progress=False)
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]
