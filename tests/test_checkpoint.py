@@ -214,3 +214,50 @@ def test_a_checkpoint_resumes_under_another_plan(tmp_path):
     resumed = mtc.load(tmp_path / "ckpt", _fresh(llama), "50MB", batches[0], device="cpu", progress=False)
     assert len(resumed.plan.schedule.resident) >= 5
     assert losses + _train(resumed, batches[3:]) == pytest.approx(expected, rel=1e-6)
+
+
+class _Dataset:
+    """What mtc reads of a saved Hugging Face dataset: its columns (stands in for datasets.Dataset)."""
+
+    def __init__(self, columns):
+        self.columns = columns
+        self.column_names = list(columns)
+
+    def __getitem__(self, name):
+        return self.columns[name]
+
+
+def test_a_saved_dataset_gives_its_input_ids_or_its_text(tmp_path, monkeypatch):
+    from mtc.examples import data
+
+    (tmp_path / "dataset_info.json").write_text("{}")
+    saved = {"input_ids": _Dataset({"input_ids": [[1, 2, 3], [4, 5]]}),
+             "text": _Dataset({"text": ["ab", "c"]}), "other": _Dataset({"label": [0]})}
+    for kind, dataset in saved.items():
+        monkeypatch.setitem(sys.modules, "datasets", type(sys)("datasets"))
+        sys.modules["datasets"].load_from_disk = lambda path, dataset=dataset: dataset
+        if kind == "input_ids":
+            assert data.load_tokens(str(tmp_path), 256).tolist() == [1, 2, 3, 4, 5]
+        elif kind == "text":
+            tokenizer = lambda text: {"input_ids": [ord(c) for c in text]}  # noqa: E731
+            assert data.load_tokens(str(tmp_path), 256, tokenizer).tolist() == [97, 98, 99]
+        else:
+            with pytest.raises(ValueError, match="has columns \\['label'\\]; expected input_ids, or text"):
+                data.load_tokens(str(tmp_path), 256)
+
+
+def test_mtc_train_logs_loss_and_speed_for_tensorboard(tmp_path, monkeypatch):
+    from mtc import cli
+
+    logged = []
+
+    class Writer:
+        def add_scalar(self, tag, value, step):
+            logged.append((tag, step))
+
+        def close(self):
+            logged.append(("closed", None))
+
+    monkeypatch.setattr(cli, "_tensorboard", lambda directory: Writer())
+    assert cli.main(["train", "--batch", "2x32", "--steps", "2", "--device", "cpu", "--log-dir", str(tmp_path)]) == 0
+    assert logged == [("loss", 1), ("tokens_per_s", 1), ("loss", 2), ("tokens_per_s", 2), ("closed", None)]
