@@ -153,11 +153,18 @@ def _train(args) -> int:
     torch.manual_seed(args.seed)
     tokens, described = source.tokens(args.data)
     stream = (source.call(pair) for pair in data.batches(tokens, batch, seq, seed=args.seed))
+    # What fixes the order of the batches: a resumed run must read them as the saved one did.
+    data_order = {"data": os.path.abspath(args.data) if args.data else None, "batch": f"{batch}x{seq}",
+                  "seed": args.seed}
     started = time.perf_counter()
     if args.resume:
         # The first batch only shows the shapes; the checkpoint says how many the run had read.
         step = mtc.load(checkpoint, source.meta_model(), gpu_mem=args.gpu_mem, example=next(stream),
                         device=args.device)
+        saved = {k: v for k, v in step.data_position.items() if k != "batches"}
+        if saved != data_order:
+            raise ValueError(f"--resume: the checkpoint in {checkpoint} read its data as {saved}, not as "
+                             f"{data_order}; resume with the same --data, --batch and --seed")
         stream = (source.call(pair) for pair in data.batches(tokens, batch, seq, seed=args.seed))
         for _ in range(step.data_position["batches"]):
             next(stream)
@@ -188,7 +195,7 @@ def _train(args) -> int:
                 writer.add_scalar("loss", last, step.steps)
                 writer.add_scalar("tokens_per_s", rate, step.steps)
             if args.save_every and (step.steps % args.save_every == 0 or step.steps == args.steps):
-                mtc.save(step, checkpoint, data_position={"batches": step.steps})
+                mtc.save(step, checkpoint, data_position={"batches": step.steps, **data_order})
     if writer:
         writer.close()
     if first is None:

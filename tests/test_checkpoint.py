@@ -171,7 +171,8 @@ def test_mtc_train_resumed_from_its_checkpoint_ends_where_an_unbroken_run_ends(t
     assert main(common + ["--steps", "6"]) == 0
     unbroken = capsys.readouterr().out.splitlines()[-1]
     assert main(common + ["--steps", "4", "--save-every", "3", "--checkpoint", str(tmp_path / "c")]) == 0
-    assert json.loads((tmp_path / "c" / "mtc.json").read_text())["data_position"] == {"batches": 4}
+    assert json.loads((tmp_path / "c" / "mtc.json").read_text())["data_position"] == {
+        "batches": 4, "data": None, "batch": "2x32", "seed": 0}
     capsys.readouterr()
     assert main(common + ["--steps", "6", "--resume", "--checkpoint", str(tmp_path / "c")]) == 0
     resumed = capsys.readouterr().out.splitlines()
@@ -181,6 +182,8 @@ def test_mtc_train_resumed_from_its_checkpoint_ends_where_an_unbroken_run_ends(t
     assert "nothing to do" in capsys.readouterr().out
     assert main(common + ["--steps", "4", "--save-every", "-1"]) == 2
     assert "--save-every=-1 is not valid" in capsys.readouterr().err
+    assert main(common + ["--steps", "6", "--resume", "--seed", "1", "--checkpoint", str(tmp_path / "c")]) == 2
+    assert "read its data as {'data': None, 'batch': '2x32', 'seed': 0}, not as" in capsys.readouterr().err
     assert main(common + ["--steps", "4", "--resume", "--checkpoint", str(tmp_path / "none")]) == 2
     assert "is not a directory; expected a checkpoint mtc.save wrote" in capsys.readouterr().err
 
