@@ -26,8 +26,7 @@ def main(argv=None) -> int:
     train = commands.add_parser("train", help="train a preset or a Hugging Face model (default: tiny, on the "
                                               "built-in corpus)")
     _model_arguments(train, batch="8x128", gpu_mem="80GB")
-    train.add_argument("--model", default=None, metavar="DIR|PRESET",
-                       help="a Hugging Face model directory (config.json and safetensors) or a preset, as --preset")
+    _model_directory_argument(train)
     train.add_argument("--data", default=None, metavar="PATH",
                        help="token ids (.bin: uint16, uint32 past 65536 words), text (a file or a directory of "
                             ".txt; through the model directory's tokenizer, else bytes) or a saved Hugging Face "
@@ -48,6 +47,7 @@ def main(argv=None) -> int:
 
     plan = commands.add_parser("plan", help="plan a preset on the meta device (no memory, no GPU needed)")
     _model_arguments(plan, batch="4x4096", gpu_mem="80GB")
+    _model_directory_argument(plan)
     plan.add_argument("--save", metavar="PATH", help="write the plan as JSON (read it with `mtc show`)")
     plan.add_argument("--instructions", action="store_true", help="print every stream instruction too")
     plan.add_argument("--trace", metavar="PATH", help="write the predicted timeline as a Chrome/Perfetto trace")
@@ -127,6 +127,12 @@ def _model_arguments(parser, batch: str, gpu_mem: str, preset: str = "tiny"):
     parser.add_argument("--clip", type=float, default=1.0,
                         help="clip gradients to this global norm (default 1.0; 0: off)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+
+
+def _model_directory_argument(parser) -> None:
+    parser.add_argument("--model", default=None, metavar="DIR|PRESET",
+                        help="a Hugging Face model directory (its config.json; the weights too, to train) or a "
+                             "preset, as --preset")
 
 
 def _batch(text: str) -> tuple[int, int]:
@@ -247,7 +253,11 @@ class _TrainedModel:
         return {"input_ids": input_ids, "labels": input_ids if self.directory else shifted}
 
     def meta_model(self):
-        return None if self.directory else models.build(self.preset, device="meta")
+        if self.directory:
+            from mtc.checkpoint import _hugging_face_model
+
+            return _hugging_face_model(self.directory)
+        return models.build(self.preset, device="meta")
 
     def compile(self, **options):
         if self.directory:
@@ -267,14 +277,14 @@ def _plan(args) -> int:
     batch, seq = _batch(args.batch)
     device = args.device or "cuda"  # planning needs no GPU: plan for the one the user will train on
     started = time.perf_counter()
-    model = models.build(args.preset, device="meta")
+    model = _TrainedModel(args.model or args.preset).meta_model()
     gpu_mem = parse_bytes(args.gpu_mem, "--gpu-mem")
     host_mem = parse_bytes(args.host_mem, "--host-mem") if args.host_mem else None
 
     def plan_for(tokens: int):
-        example = (torch.empty(batch, tokens, dtype=torch.long, device="meta"),) * 2
-        return mtc.plan(model, gpu_mem, example, clip=bool(args.clip), device=device, profile=args.profile,
-                        host_mem=host_mem)
+        ids = torch.empty(batch, tokens, dtype=torch.long, device="meta")
+        return mtc.plan(model, gpu_mem, {"input_ids": ids, "labels": ids}, clip=bool(args.clip), device=device,
+                        profile=args.profile, host_mem=host_mem)
 
     if args.max_seq:
         seq, base = _longest_sequence(plan_for, batch, gpu_mem, bool(args.clip), args.max_seq)

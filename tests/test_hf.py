@@ -225,3 +225,12 @@ def test_on_the_gpu_a_hugging_face_model_trains_in_bf16_from_its_checkpoint(tmp_
     losses = [step(**batch).item() for _ in range(3)]
     assert losses[0] == pytest.approx(expected, rel=1e-2)
     assert losses[2] < losses[0]
+
+
+def test_mtc_plan_plans_a_hugging_face_model_from_its_config_alone(tmp_path, capsys):
+    from mtc.cli import main
+
+    CONFIGS["qwen2"]().save_pretrained(tmp_path / "qwen")  # config.json only: no weights
+    assert main(["plan", "--model", str(tmp_path / "qwen"), "--batch", "2x64", "--gpu-mem", "2MB"]) == 0
+    out = capsys.readouterr().out
+    assert "model.layers.3    Qwen2DecoderLayer" in out and "predicted step:" in out
