@@ -414,11 +414,14 @@ def _bench(args) -> int:
                 json.dump(result, f, indent=1)
 
     # A stop (timeout, kill) unwinds, so that a running peer's processes are stopped with us.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-    result = bench.run(args.preset, _batch(args.batch), gpu_mem=args.gpu_mem, steps=args.steps,
-                       warmup=args.warmup, clip=args.clip or None, vs=_baselines(args.vs),
-                       trace_path=args.trace, cpu_threads=args.cpu_threads, peer_timeout_s=args.peer_timeout,
-                       progress=progress)
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    try:
+        result = bench.run(args.preset, _batch(args.batch), gpu_mem=args.gpu_mem, steps=args.steps,
+                           warmup=args.warmup, clip=args.clip or None, vs=_baselines(args.vs),
+                           trace_path=args.trace, cpu_threads=args.cpu_threads, peer_timeout_s=args.peer_timeout,
+                           progress=progress)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(bench.table(result))
     return 0
 

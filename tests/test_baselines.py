@@ -173,3 +173,22 @@ def test_progress_lines_give_the_speed_or_why_there_is_none():
         "megatrain: failed: exit status -9: stopped after 140 s"
     assert bench.summary("deepspeed", {"not_installed": "deepspeed is not importable"}) == \
         "deepspeed: not installed: deepspeed is not importable"
+
+
+def test_bench_keeps_the_figures_of_the_systems_that_finished_when_a_later_one_fails(tmp_path, monkeypatch, capsys):
+    import json
+
+    def run(*args, progress, **kwargs):
+        result = {"mtc": {"step_s": 1.0, "tokens_per_s": 4096.0, "loss_finite": True}, "vs": {}}
+        progress(result, "mtc")
+        result["vs"]["deepspeed"] = {"failed": "exit status -9: stopped after 5 s"}
+        progress(result, "deepspeed")
+        raise KeyboardInterrupt  # as a stop mid-way through the next peer
+
+    monkeypatch.setattr(bench, "run", run)
+    path = tmp_path / "r.json"
+    with pytest.raises(KeyboardInterrupt):
+        main(["bench", "--vs", "deepspeed,fsdp", "--json", str(path)])
+    assert json.loads(path.read_text())["vs"] == {"deepspeed": {"failed": "exit status -9: stopped after 5 s"}}
+    assert capsys.readouterr().err.splitlines() == ["mtc: 1.000 s/step, 4,096 tokens/s, loss finite yes",
+                                                    "deepspeed: failed: exit status -9: stopped after 5 s"]
