@@ -48,7 +48,7 @@ class CheckpointError(ValueError):
 def save(step, path, data_position: dict | None = None, progress: bool = True) -> str:
     """Write `step`'s weights, optimizer state, RNG state and step count to the directory `path` (made or
     replaced whole); `data_position`: JSON-serialisable state of the caller's data (given back by load as
-    step.data_position); progress: a bar over the bytes written (16 per parameter). Returns the path."""
+    step.data_position); progress: a bar over the bytes written (12 per parameter: master, two moments). Returns the path."""
     from safetensors.torch import save_file
 
     import mtc
