@@ -48,7 +48,8 @@ class CheckpointError(ValueError):
 def save(step, path, data_position: dict | None = None, progress: bool = True) -> str:
     """Write `step`'s weights, optimizer state, RNG state and step count to the directory `path` (made or
     replaced whole); `data_position`: JSON-serialisable state of the caller's data (given back by load as
-    step.data_position); progress: a bar over the bytes written (12 per parameter: master, two moments). Returns the path."""
+    step.data_position); progress: a bar over the bytes written (12 per parameter: master, two moments).
+    Returns the path."""
     from safetensors.torch import save_file
 
     import mtc
@@ -336,7 +337,8 @@ def _readable(path) -> str:
     if os.path.isfile(os.path.join(path, META)):
         return path
     parent, base = os.path.split(path)
-    aside = sorted(glob.glob(os.path.join(glob.escape(parent), f".{glob.escape(base)}.replaced-*", glob.escape(base), META)),
+    pattern = os.path.join(glob.escape(parent), f".{glob.escape(base)}.replaced-*", glob.escape(base), META)
+    aside = sorted(glob.glob(pattern),
                    key=os.path.getmtime)
     if not os.path.exists(path) and aside:
         found = os.path.dirname(aside[-1])
