@@ -338,8 +338,7 @@ def _readable(path) -> str:
         return path
     parent, base = os.path.split(path)
     pattern = os.path.join(glob.escape(parent), f".{glob.escape(base)}.replaced-*", glob.escape(base), META)
-    aside = sorted(glob.glob(pattern),
-                   key=os.path.getmtime)
+    aside = sorted(glob.glob(pattern), key=os.path.getmtime)
     if not os.path.exists(path) and aside:
         found = os.path.dirname(aside[-1])
         warnings.warn(f"{path} is missing: a save was interrupted while replacing it; loading the previous "
