@@ -121,21 +121,29 @@ def _trace_fx(model, args, kwargs) -> Traced:
 
 
 @contextlib.contextmanager
-def _parameters_as(model, dtype: torch.dtype):
-    """Every floating parameter replaced by a meta tensor of `dtype` (buffers keep theirs, as the runtime
-    keeps them), the originals back afterwards."""
+def _on_meta_in(model, dtype: torch.dtype):
+    """The model's floating parameters as meta tensors of `dtype` and its buffers as meta tensors of their
+    own dtypes (the runtime keeps buffers as they are), the originals back afterwards."""
     swapped = []
     for module in model.modules():
-        for name, parameter in list(module._parameters.items()):
-            if parameter is not None and parameter.is_floating_point() and parameter.dtype != dtype:
-                swapped.append((module, name, parameter))
-                module._parameters[name] = torch.nn.Parameter(
-                    torch.empty(parameter.shape, dtype=dtype, device="meta"), parameter.requires_grad)
+        for kind in ("_parameters", "_buffers"):
+            tensors = getattr(module, kind)
+            for name, tensor in list(tensors.items()):
+                if tensor is None or (tensor.is_meta and (kind == "_buffers" or tensor.dtype == dtype)):
+                    continue
+                swapped.append((tensors, name, tensor))
+                if kind == "_buffers":
+                    tensors[name] = tensor.to("meta")
+                elif tensor.is_floating_point():
+                    tensors[name] = torch.nn.Parameter(torch.empty(tensor.shape, dtype=dtype, device="meta"),
+                                                       tensor.requires_grad)
+                else:
+                    tensors[name] = torch.nn.Parameter(tensor.to("meta"), tensor.requires_grad)
     try:
         yield
     finally:
-        for module, name, parameter in swapped:
-            module._parameters[name] = parameter
+        for tensors, name, tensor in swapped:
+            tensors[name] = tensor
 
 
 def _on_meta(value):
@@ -145,17 +153,10 @@ def _on_meta(value):
 def _trace_export(model, args, kwargs, compute_dtype: torch.dtype = torch.float32) -> Traced:
     if compute_dtype == torch.float32:
         exported = torch.export.export(model, tuple(args), dict(kwargs), strict=False)
-    else:  # on the meta device (the parameters are meta there): the device constants are retargeted anyway
-        with _parameters_as(model, compute_dtype):
+    else:  # on the meta device: the device constants it bakes are retargeted anyway (Template.function)
+        with _on_meta_in(model, compute_dtype):
             meta_args, meta_kwargs = pytree.tree_map(_on_meta, (tuple(args), dict(kwargs)))
-            buffers = {name: b for name, b in model.named_buffers() if not b.is_meta}
-            for name, b in buffers.items():
-                _set_attr(model, name, b.to("meta"))
-            try:
-                exported = torch.export.export(model, meta_args, meta_kwargs, strict=False)
-            finally:
-                for name, b in buffers.items():
-                    _set_attr(model, name, b)
+            exported = torch.export.export(model, meta_args, meta_kwargs, strict=False)
     module = exported.module()
     graph = module.graph
     for node in list(graph.nodes):
@@ -251,15 +252,6 @@ def _attributes(model, traced_module, graph):
             constants[node.target] = _fetch_attr(traced_module, node.target)
             buffers[node.target] = node.target
     return params, buffers, constants
-
-
-def _set_attr(model, target: str, value) -> None:
-    owner, _, name = target.rpartition(".")
-    module = model.get_submodule(owner)
-    if name in module._buffers:
-        module._buffers[name] = value
-    else:
-        setattr(module, name, value)
 
 
 def _fetch_attr(module, target: str):

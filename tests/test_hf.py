@@ -234,3 +234,14 @@ def test_mtc_plan_plans_a_hugging_face_model_from_its_config_alone(tmp_path, cap
     assert main(["plan", "--model", str(tmp_path / "qwen"), "--batch", "2x64", "--gpu-mem", "2MB"]) == 0
     out = capsys.readouterr().out
     assert "model.layers.3    Qwen2DecoderLayer" in out and "predicted step:" in out
+
+
+def test_a_model_already_in_bf16_traces_for_bf16_compute():
+    # Its parameters are real tensors of the compute dtype: they go to the meta device for the trace too.
+    batch = _batches(False)[0]
+    model = _model("llama").to(torch.bfloat16)
+    step = mtc.compile(model, "2MB", batch, optimizer=HP, device="cpu", compute_dtype=torch.bfloat16,
+                       progress=False)
+    assert not any(p.is_meta for p in model.parameters()) and not any(b.is_meta for b in model.buffers())
+    losses = [step(**batch).item() for _ in range(3)]
+    assert losses[2] < losses[0]
