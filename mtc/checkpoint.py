@@ -125,7 +125,7 @@ def load(path, model: torch.nn.Module | None = None, gpu_mem="80GB", example=Non
         meta = json.load(f)
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path} is checkpoint format {meta.get('format')!r}; this mtc reads format {FORMAT}")
-    _check_same_model(path, meta, model)
+    _check_same_model(path, meta["parameters"], model)
     weights = _Tensors(path, "model")
     state = _Tensors(path, "optimizer")
     optimizer = optimizer if optimizer is not None else AdamW(**{**meta["optimizer"],
@@ -135,13 +135,17 @@ def load(path, model: torch.nn.Module | None = None, gpu_mem="80GB", example=Non
         os.path.exists(os.path.join(path, "buffers.safetensors.index.json")) else None
     if buffers is None and any(True for _ in model.buffers()):
         raise CheckpointError(f"{path} holds no buffers but {type(model).__name__} has some: saved from another model")
-    if "init" not in compile_options:  # meta tensors are filled from the checkpoint, not initialised first
+    # Meta tensors are filled from the checkpoint as the store is built, not initialised and then read again.
+    filled = set()
+    if "init" not in compile_options:
+        filled = {name for name, p in model.named_parameters() if p.is_meta}
         compile_options["init"] = _filler(model, weights, buffers)
     step = compile(model, gpu_mem, example, optimizer=optimizer, clip_grad_norm=clip, **compile_options)
     store = step._store
     for group in store.all_groups():
         for piece in group.slices:
-            group.view(group.master, piece).copy_(weights[piece.name])
+            if piece.name not in filled:
+                group.view(group.master, piece).copy_(weights[piece.name])
             group.view(group.exp_avg, piece).copy_(state[f"exp_avg.{piece.name}"])
             group.view(group.exp_avg_sq, piece).copy_(state[f"exp_avg_sq.{piece.name}"])
         counts = {state[f"step.{piece.name}"].item() for piece in group.slices}
@@ -176,7 +180,7 @@ def from_pretrained(path, gpu_mem="80GB", example=None, **compile_options):
         raise CheckpointError(f"path={path!r} is not a Hugging Face model directory: it has no config.json")
     model = _hugging_face_model(path)
     weights = _Tensors(path, "model")
-    _check_shapes(path, weights, model)
+    _check_same_model(path, {name: weights.shape(name) for name in weights.names}, model, strict=False)
     compile_options.setdefault("init", _filler(model, weights, None))
     return compile(model, gpu_mem, example, **compile_options)
 
@@ -217,18 +221,6 @@ def _parameters_on_meta():
         yield
     finally:
         torch.nn.Module.register_parameter = register
-
-
-def _check_shapes(path: str, weights: "_Tensors", model: torch.nn.Module) -> None:
-    missing = [name for name, _ in model.named_parameters() if name not in weights.where]
-    if missing:
-        raise CheckpointError(f"{path} lacks {len(missing)} of the model's parameters ({', '.join(missing[:3])}): "
-                              f"a checkpoint of another model or config")
-    differ = [(name, list(p.shape), weights.shape(name)) for name, p in model.named_parameters()
-              if list(p.shape) != weights.shape(name)]
-    if differ:
-        raise CheckpointError(f"{path}: tensor shapes disagree with config.json: " + ", ".join(
-            f"{name} is {saved} in the file, {mine} by the config" for name, mine, saved in differ[:3]))
 
 
 class _Tensors:
@@ -349,17 +341,18 @@ def _readable(path) -> str:
     raise CheckpointError(f"path={path!r} is not an mtc checkpoint: it has no {META}")
 
 
-def _check_same_model(path: str, meta: dict, model: torch.nn.Module) -> None:
-    saved = meta["parameters"]
+def _check_same_model(path: str, saved: dict[str, list[int]], model: torch.nn.Module, strict: bool = True) -> None:
+    """The model's parameters are those `saved` names, with the same shapes (strict=False: `saved` may hold
+    more, as a Hugging Face checkpoint's tied head)."""
     mine = {name: list(p.shape) for name, p in model.named_parameters()}
-    missing, extra = sorted(set(saved) - set(mine)), sorted(set(mine) - set(saved))
+    missing, extra = sorted(set(mine) - set(saved)), sorted(set(saved) - set(mine)) if strict else []
     differ = sorted(n for n in set(saved) & set(mine) if saved[n] != mine[n])
     if missing or extra or differ:
-        details = [f"{len(missing)} saved parameters the model lacks ({', '.join(missing[:3])})" if missing else "",
-                   f"{len(extra)} model parameters not saved ({', '.join(extra[:3])})" if extra else "",
-                   "shapes differ: " + ", ".join(f"{n} saved {saved[n]}, model {mine[n]}" for n in differ[:3])
-                   if differ else ""]
-        raise CheckpointError(f"{path} was saved from another model: " + "; ".join(d for d in details if d))
+        details = [f"{len(extra)} saved parameters the model lacks ({', '.join(extra[:3])})" if extra else "",
+                   f"{len(missing)} model parameters not saved ({', '.join(missing[:3])})" if missing else "",
+                   "shapes differ: " + ", ".join(f"{n} is {saved[n]} in the checkpoint, {mine[n]} in the model"
+                                                 for n in differ[:3]) if differ else ""]
+        raise CheckpointError(f"{path} was saved from another model or config: " + "; ".join(d for d in details if d))
 
 
 def _filler(model: torch.nn.Module, weights: _Tensors, buffers: _Tensors | None):
