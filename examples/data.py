@@ -115,8 +115,8 @@ def load_tokens_of_text(text: str, vocab_size: int, tokenizer, path: str) -> tor
     if tokenizer is not None:
         return torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
     if vocab_size < 256:
-        raise ValueError(f"--data={path!r} is text and the model has no tokenizer and a vocabulary of {vocab_size} "
-                         f"(bytes need 256); give a .bin of token ids")
+        raise ValueError(f"{path} is text, and the model has no tokenizer and a vocabulary of {vocab_size} (bytes "
+                         f"need 256); give --data a .bin of token ids")
     return torch.frombuffer(bytearray(text.encode()), dtype=torch.uint8).to(torch.long)
 
 

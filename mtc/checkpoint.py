@@ -120,7 +120,7 @@ def load(path, model: torch.nn.Module | None = None, gpu_mem="80GB", example=Non
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise CheckpointError(f"{path} holds no config.json (not a Hugging Face model's checkpoint): pass the "
                                   f"model it was saved from as model=")
-        model = _hugging_face_model(path)
+        model = hugging_face_model(path)
     with open(os.path.join(path, META)) as f:
         meta = json.load(f)
     if meta.get("format") != FORMAT:
@@ -178,14 +178,14 @@ def from_pretrained(path, gpu_mem="80GB", example=None, **compile_options):
     path = os.path.abspath(os.fspath(path))
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise CheckpointError(f"path={path!r} is not a Hugging Face model directory: it has no config.json")
-    model = _hugging_face_model(path)
+    model = hugging_face_model(path)
     weights = _Tensors(path, "model")
     _check_same_model(path, {name: weights.shape(name) for name in weights.names}, model, strict=False)
     compile_options.setdefault("init", _filler(model, weights, None))
     return compile(model, gpu_mem, example, **compile_options)
 
 
-def _hugging_face_model(path: str) -> torch.nn.Module:
+def hugging_face_model(path: str) -> torch.nn.Module:
     """The causal LM config.json at `path` describes, its parameters on the meta device."""
     try:
         import transformers

@@ -221,12 +221,10 @@ class _TrainedModel:
         self.directory = value if os.path.isdir(value) else None
         if self.directory is None:
             try:
-                models.preset_config(value)
+                self.vocab_size = models.preset_config(value).vocab_size
             except ValueError as error:
                 raise ValueError(f"--model={value!r} is neither a model directory nor a preset: {error}") from None
             self.preset = self.name = value
-            self.vocab_size = models.preset_config(self.preset).vocab_size
-            self.tokenizer = None
             return
         if not os.path.isfile(os.path.join(value, "config.json")):
             raise ValueError(f"--model={value!r} is a directory without config.json; expected a Hugging Face model "
@@ -235,17 +233,25 @@ class _TrainedModel:
 
         self.name = os.path.basename(os.path.normpath(value))
         self.vocab_size = transformers.AutoConfig.from_pretrained(value).vocab_size
-        has_tokenizer = any(os.path.exists(os.path.join(value, f)) for f in ("tokenizer.json", "tokenizer_config.json"))
-        self.tokenizer = transformers.AutoTokenizer.from_pretrained(value) if has_tokenizer else None
+
+    def _tokenizer(self):
+        """The model directory's tokenizer, if it has one (read with the data: planning needs none)."""
+        if not self.directory or not any(os.path.exists(os.path.join(self.directory, f))
+                                         for f in ("tokenizer.json", "tokenizer_config.json")):
+            return None
+        import transformers
+
+        return transformers.AutoTokenizer.from_pretrained(self.directory)
 
     def tokens(self, path: str | None) -> tuple[torch.Tensor, str]:
+        tokenizer = self._tokenizer()
         if path:
-            return data.load_tokens(path, self.vocab_size, self.tokenizer), path
+            return data.load_tokens(path, self.vocab_size, tokenizer), path
         corpus = data.stdlib_corpus()
-        if self.tokenizer is None and self.vocab_size >= 256:
+        if tokenizer is None and self.vocab_size >= 256:
             return corpus, "the Python standard library's source, byte by byte"
-        text = bytes(corpus.to(torch.uint8).tolist()).decode(errors="replace")
-        return data.load_tokens_of_text(text, self.vocab_size, self.tokenizer, "the built-in corpus"), \
+        text = corpus.to(torch.uint8).numpy().tobytes().decode(errors="replace")
+        return data.load_tokens_of_text(text, self.vocab_size, tokenizer, "the built-in corpus"), \
             "the Python standard library's source"
 
     def call(self, pair) -> dict:
@@ -254,9 +260,9 @@ class _TrainedModel:
 
     def meta_model(self):
         if self.directory:
-            from mtc.checkpoint import _hugging_face_model
+            from mtc.checkpoint import hugging_face_model
 
-            return _hugging_face_model(self.directory)
+            return hugging_face_model(self.directory)
         return models.build(self.preset, device="meta")
 
     def compile(self, **options):
