@@ -165,8 +165,13 @@ def summary(name: str, figures: dict) -> str:
     if "step_s" in figures:
         return (f"{name}: {figures['step_s']:.3f} s/step, {figures['tokens_per_s']:,.0f} tokens/s, loss finite "
                 f"{_yes(figures.get('loss_finite'))}")
-    status = next((k for k in ("not_installed", "does_not_fit", "failed") if k in figures), "no figures")
-    return f"{name}: {status.replace('_', ' ')}: {figures.get(status, '')}"
+    return _why_not(name, figures) or f"{name}: no figures"
+
+
+def _why_not(name: str, figures: dict) -> str | None:
+    """'name: not installed / does not fit / failed: why' for a system that gave no figures, else None."""
+    status = next((k for k in ("not_installed", "does_not_fit", "failed") if k in figures), None)
+    return f"{name}: {status.replace('_', ' ')}: {figures[status]}" if status else None
 
 
 def sweep(preset: str, batches: list[tuple[int, int]], budgets: list[str], schedules=("solve", "spine"),
@@ -392,11 +397,7 @@ def table(result: dict) -> str:
         else:
             cells = [_get(s, key, form) for s in systems.values()]
         lines.append(f"{label:<36}" + "".join(f"{cell:>{width}}" for cell in cells))
-    for name, theirs in systems.items():
-        why = theirs.get("not_installed") or theirs.get("does_not_fit") or theirs.get("failed")
-        if why:
-            status = next(k for k in ("not_installed", "does_not_fit", "failed") if k in theirs).replace("_", " ")
-            lines.append(f"{name}: {status}: {why}")
+    lines += [why for why in (_why_not(name, theirs) for name, theirs in systems.items()) if why]
     mine = result["mtc"]
     bounds = ", ".join(f"{k} {v:.3f}" for k, v in mine["bounds_s"].items())
     lines += [f"mtc: lower bound {mine['lower_bound_s']:.3f} s ({mine['bound_by']}; {bounds}); "
