@@ -80,8 +80,8 @@ def batches(
 def load_tokens(path: str, vocab_size: int, tokenizer=None) -> torch.Tensor:
     """Token ids from `path` as a 1-D long tensor, checked against the model's vocabulary:
     - a ``.bin`` file: token ids, little-endian uint16 when the vocabulary fits 16 bits, else uint32;
-    - a Hugging Face datasets directory (``datasets.save_to_disk``): its ``input_ids`` column, or its
-      ``text`` column through ``tokenizer``;
+    - a Hugging Face datasets directory (``datasets.save_to_disk``; of a DatasetDict, its train split): its
+      ``input_ids`` column, or its ``text`` column through ``tokenizer`` (each text then ends with its EOS);
     - a text file or a directory of ``*.txt`` files (sorted): through ``tokenizer``, or as bytes when
       there is none (byte-level vocabularies).
     """
@@ -95,7 +95,7 @@ def load_tokens(path: str, vocab_size: int, tokenizer=None) -> torch.Tensor:
         if len(raw) % dtype.itemsize:
             raise ValueError(f"--data={path!r} has {len(raw)} bytes, not a whole number of {dtype} token ids")
         tokens = torch.frombuffer(bytearray(raw), dtype=dtype).to(torch.long)
-    elif source.is_dir() and (source / "dataset_info.json").exists():
+    elif source.is_dir() and any((source / f).exists() for f in ("dataset_info.json", "dataset_dict.json")):
         tokens = _dataset_tokens(source, tokenizer)
     else:
         files = sorted(source.rglob("*.txt")) if source.is_dir() else [source]
@@ -123,13 +123,27 @@ def load_tokens_of_text(text: str, vocab_size: int, tokenizer, path: str) -> tor
 def _dataset_tokens(source: Path, tokenizer) -> torch.Tensor:
     try:
         import datasets
+        import numpy
+        import pyarrow.compute
     except ImportError:
         raise ImportError(f"--data={str(source)!r} is a saved Hugging Face dataset; reading it needs "
                           f"`pip install datasets`") from None
     dataset = datasets.load_from_disk(str(source))
+    if isinstance(dataset, datasets.DatasetDict):
+        if "train" not in dataset:
+            raise ValueError(f"--data={str(source)!r} is a dataset with the splits {sorted(dataset)} and no train "
+                             f"split; give one split's directory")
+        dataset = dataset["train"]
+    # Through Arrow a batch of rows at a time: a billion token ids never become Python ints.
+    batches = dataset.with_format("arrow").iter(batch_size=1 << 14)
     if "input_ids" in dataset.column_names:
-        return torch.tensor([t for row in dataset["input_ids"] for t in row], dtype=torch.long)
-    if "text" in dataset.column_names and tokenizer is not None:
-        return torch.tensor([t for text in dataset["text"] for t in tokenizer(text)["input_ids"]], dtype=torch.long)
-    raise ValueError(f"--data={str(source)!r} has columns {dataset.column_names}; expected input_ids, or text "
-                     f"with a model directory that holds a tokenizer")
+        pieces = [pyarrow.compute.list_flatten(batch["input_ids"]).to_numpy() for batch in batches]
+    elif "text" in dataset.column_names and tokenizer is not None:
+        eos = getattr(tokenizer, "eos_token_id", None)
+        end = [eos] if eos is not None else []  # each document ends with the tokenizer's end-of-sequence token
+        pieces = [numpy.array([t for ids in tokenizer(batch["text"].to_pylist())["input_ids"] for t in ids + end])
+                  for batch in batches]
+    else:
+        raise ValueError(f"--data={str(source)!r} has columns {dataset.column_names}; expected input_ids, or text "
+                         f"with a model directory that holds a tokenizer")
+    return torch.from_numpy(numpy.concatenate(pieces) if pieces else numpy.zeros(0)).to(torch.long)

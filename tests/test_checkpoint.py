@@ -219,48 +219,48 @@ def test_a_checkpoint_resumes_under_another_plan(tmp_path):
     assert losses + _train(resumed, batches[3:]) == pytest.approx(expected, rel=1e-6)
 
 
-class _Dataset:
-    """What mtc reads of a saved Hugging Face dataset: its columns (stands in for datasets.Dataset)."""
+def test_a_saved_dataset_gives_its_input_ids_or_its_text(tmp_path):
+    import datasets
 
-    def __init__(self, columns):
-        self.columns = columns
-        self.column_names = list(columns)
-
-    def __getitem__(self, name):
-        return self.columns[name]
-
-
-def test_a_saved_dataset_gives_its_input_ids_or_its_text(tmp_path, monkeypatch):
     from mtc.examples import data
 
-    (tmp_path / "dataset_info.json").write_text("{}")
-    saved = {"input_ids": _Dataset({"input_ids": [[1, 2, 3], [4, 5]]}),
-             "text": _Dataset({"text": ["ab", "c"]}), "other": _Dataset({"label": [0]})}
-    for kind, dataset in saved.items():
-        monkeypatch.setitem(sys.modules, "datasets", type(sys)("datasets"))
-        sys.modules["datasets"].load_from_disk = lambda path, dataset=dataset: dataset
-        if kind == "input_ids":
-            assert data.load_tokens(str(tmp_path), 256).tolist() == [1, 2, 3, 4, 5]
-        elif kind == "text":
-            tokenizer = lambda text: {"input_ids": [ord(c) for c in text]}  # noqa: E731
-            assert data.load_tokens(str(tmp_path), 256, tokenizer).tolist() == [97, 98, 99]
-        else:
-            with pytest.raises(ValueError, match="has columns \\['label'\\]; expected input_ids, or text"):
-                data.load_tokens(str(tmp_path), 256)
+    class Tokenizer:  # as a Hugging Face tokenizer is called on a batch of texts
+        eos_token_id = 0
+
+        def __call__(self, texts):
+            return {"input_ids": [[ord(c) for c in text] for text in texts]}
+
+    datasets.Dataset.from_dict({"input_ids": [[1, 2, 3], [4, 5]]}).save_to_disk(tmp_path / "ids")
+    assert data.load_tokens(str(tmp_path / "ids"), 256).tolist() == [1, 2, 3, 4, 5]
+    datasets.Dataset.from_dict({"text": ["ab", "c"]}).save_to_disk(tmp_path / "text")
+    assert data.load_tokens(str(tmp_path / "text"), 256, Tokenizer()).tolist() == [97, 98, 0, 99, 0]
+    splits = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"input_ids": [[7, 8]]}),
+                                   "test": datasets.Dataset.from_dict({"input_ids": [[9]]})})
+    splits.save_to_disk(tmp_path / "splits")
+    assert data.load_tokens(str(tmp_path / "splits"), 256).tolist() == [7, 8]
+    datasets.DatasetDict({"test": splits["test"]}).save_to_disk(tmp_path / "test_only")
+    with pytest.raises(ValueError, match="with the splits \\['test'\\] and no train split"):
+        data.load_tokens(str(tmp_path / "test_only"), 256)
+    datasets.Dataset.from_dict({"label": [0]}).save_to_disk(tmp_path / "other")
+    with pytest.raises(ValueError, match="has columns \\['label'\\]; expected input_ids, or text"):
+        data.load_tokens(str(tmp_path / "other"), 256)
+    with pytest.raises(ValueError, match="past the model's vocabulary of 4"):
+        data.load_tokens(str(tmp_path / "ids"), 4)
 
 
-def test_mtc_train_logs_loss_and_speed_for_tensorboard(tmp_path, monkeypatch):
+def test_mtc_train_logs_loss_and_speed_for_tensorboard(tmp_path, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     from mtc import cli
 
-    logged = []
-
-    class Writer:
-        def add_scalar(self, tag, value, step):
-            logged.append((tag, step))
-
-        def close(self):
-            logged.append(("closed", None))
-
-    monkeypatch.setattr(cli, "_tensorboard", lambda directory: Writer())
-    assert cli.main(["train", "--batch", "2x32", "--steps", "2", "--device", "cpu", "--log-dir", str(tmp_path)]) == 0
-    assert logged == [("loss", 1), ("tokens_per_s", 1), ("loss", 2), ("tokens_per_s", 2), ("closed", None)]
+    assert cli.main(["train", "--batch", "2x32", "--steps", "3", "--device", "cpu", "--log-dir", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out.splitlines()[-1].split()  # loss 5.555 -> 4.491880 in steps 1-3, ...
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert set(events.Tags()["scalars"]) == {"loss", "tokens_per_s"}
+    losses = events.Scalars("loss")
+    assert [e.step for e in losses] == [1, 2, 3] and [e.step for e in events.Scalars("tokens_per_s")] == [1, 2, 3]
+    # The losses it printed (to 4 figures, then to 6 places); TensorBoard keeps float32.
+    assert float(printed[1]) == pytest.approx(losses[0].value, abs=5e-4)
+    assert float(printed[3]) == pytest.approx(losses[-1].value, abs=1e-6)
+    assert all(e.value > 0 for e in events.Scalars("tokens_per_s"))

@@ -1,7 +1,7 @@
 """Hugging Face transformers causal LMs compile through mtc (torch.export) and train as eager transformers
 with torch.optim.AdamW does, called as their users call them."""
-import importlib.util
 import shutil
+import sys
 
 import pytest
 import torch
@@ -194,8 +194,10 @@ def test_mtc_train_a_hugging_face_directory_on_token_ids_and_resume_it(tmp_path,
     assert (tmp_path / "ckpt" / "config.json").exists()
 
 
-def test_mtc_train_refuses_data_and_models_it_cannot_use(tmp_path, capsys):
+def test_mtc_train_refuses_data_and_models_it_cannot_use(tmp_path, capsys, monkeypatch):
     from mtc.cli import main
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if TensorBoard were not installed
 
     model, tokens = _hf_dir_and_tokens(tmp_path)
     common = ["train", "--batch", "2x16", "--gpu-mem", "2MB", "--device", "cpu", "--steps", "1"]
@@ -204,9 +206,8 @@ def test_mtc_train_refuses_data_and_models_it_cannot_use(tmp_path, capsys):
                                                                         f"vocabulary of {VOCAB}"),
              (["--model", model, "--data", str(tmp_path / "none.bin")], "does not exist; expected a .bin"),
              (["--model", str(tmp_path)], "is a directory without config.json"),
-             (["--model", "no-such-preset"], "no-such-preset")]
-    if importlib.util.find_spec("tensorboard") is None:
-        cases.append((["--log-dir", str(tmp_path / "logs")], "needs TensorBoard: pip install tensorboard"))
+             (["--model", "no-such-preset"], "no-such-preset"),
+             (["--log-dir", str(tmp_path / "logs")], "needs TensorBoard: pip install tensorboard")]
     for argv, message in cases:
         assert main(common + argv) == 2, argv
         assert message in capsys.readouterr().err, argv
