@@ -61,8 +61,11 @@ class Worker:
         self.queue.put((instr_id, step, work))
 
     def stop(self) -> None:
-        """Let the thread end once the work queued so far is done."""
+        """End the thread once the work queued so far is done, and wait for it: at interpreter exit a daemon
+        thread still inside an update would be killed mid-operation (SIGABRT from C++), the update half done."""
         self.queue.put(None)
+        if threading.current_thread() is not self.thread:
+            self.thread.join()
 
     def _run(self) -> None:
         while True:
@@ -124,7 +127,8 @@ class Engine:
             self.shared_grad = torch.zeros(store.shared.numel, dtype=torch.float32, device=device)
         self.functions = [stage.template.function(device) for stage in partition.stages]
         self.worker = Worker()
-        weakref.finalize(self, self.worker.stop)  # the thread holds no reference to the engine: it can go
+        # The thread holds no reference to the engine, so the engine can be collected; this also runs at exit.
+        weakref.finalize(self, self.worker.stop)
         host_groups = [g for i, g in enumerate(store.all_groups()) if i not in self.resident]
         self.scratch = scratch_for(host_groups)
         self.device_scratch = scratch_for([store.groups[i] for i in self.resident], device)

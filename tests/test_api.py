@@ -1,7 +1,10 @@
 """The public face: plans print, save and load; bad input gets a clear error; the CLI works."""
 import json
-
+import os
 import re
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -234,3 +237,29 @@ def test_a_preset_that_names_no_shape_is_refused_by_name(preset, capsys):
     assert exit.value.code == 2
     error = capsys.readouterr().err
     assert f"preset={preset!r} is not known" in error and "as 8b:40" in error
+
+
+def test_a_process_that_exits_right_after_a_step_finishes_that_steps_updates():
+    # The CPU thread updates streamed stages after step() returns; at exit it would be killed mid-update.
+    script = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        import mtc
+        from mtc.runtime import engine
+        from models import llama, tokens
+        update = engine.adamw_step
+        def slow_update(*args):
+            time.sleep(0.2)
+            update(*args)
+            print("updated", flush=True)
+        engine.adamw_step = slow_update
+        step = mtc.compile(llama(), "5MB", tokens(), device="cpu", progress=False)
+        print(len(list(step._store.all_groups())), flush=True)
+        step(*tokens())
+        print("returned", flush=True)
+    """)
+    child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert child.returncode == 0, child.stderr
+    lines = child.stdout.split()
+    groups, after_return = int(lines[0]), lines[lines.index("returned") + 1:]
+    assert after_return and lines.count("updated") == groups
