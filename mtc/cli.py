@@ -188,28 +188,31 @@ def _train(args) -> int:
     if args.save_plan:
         step.plan.save(args.save_plan)
     first = last = None
-    seen, started, done = 0, time.perf_counter(), step.steps
+    seen, training, done = 0, 0.0, step.steps  # training: seconds in steps, checkpoint saves not counted
     with tqdm(range(done, args.steps), unit="step", dynamic_ncols=True, initial=done, total=args.steps) as bar:
         for _ in bar:
             inputs = next(stream)
+            began = time.perf_counter()
             last = float(step(**inputs))
+            training += time.perf_counter() - began
             first = last if first is None else first
             seen += inputs["input_ids"].numel()
-            rate = seen / (time.perf_counter() - started)
-            bar.set_postfix(loss=f"{last:.3f}", tok_s=f"{rate:,.0f}")
+            bar.set_postfix(loss=f"{last:.3f}", tok_s=f"{seen / training:,.0f}")
             if writer:
                 writer.add_scalar("loss", last, step.steps)
-                writer.add_scalar("tokens_per_s", rate, step.steps)
+                writer.add_scalar("tokens_per_s", seen / training, step.steps)
             if args.save_every and (step.steps % args.save_every == 0 or step.steps == args.steps):
                 mtc.save(step, checkpoint, data_position={"batches": step.steps, **data_order})
+    began = time.perf_counter()
+    step.synchronize()  # the last step's optimizer update, which runs on after its loss is known
+    training += time.perf_counter() - began
     if writer:
         writer.close()
     if first is None:
         print(f"the checkpoint is already at step {done}; nothing to do for --steps={args.steps}")
         return 0
-    print(f"loss {first:.3f} -> {last:.6f} in steps {done + 1}-{args.steps}, "
-          f"{seen / (time.perf_counter() - started):,.0f} tokens/s"
-          + (f"; checkpoint in {checkpoint}" if args.save_every else ""))
+    print(f"loss {first:.3f} -> {last:.6f} in steps {done + 1}-{args.steps}, {seen / training:,.0f} tokens/s"
+          + (f" (saves not counted); checkpoint in {checkpoint}" if args.save_every else ""))
     return 0
 
 
