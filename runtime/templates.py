@@ -114,22 +114,23 @@ def backward(fn, weights: list, buffers: list, kept: Kept, carries_grad: list[bo
         recorded, kept.recorded = kept.recorded, None  # the graph goes with this backward
         recorded.slot = slot
         return _differentiate(recorded.outputs, output_grads, recorded.leaves_w, recorded.leaves_x, None)
-    replay = loss_of is None
     leaves_w, leaves_x = _leaves(weights, kept.inputs, carries_grad)
-    if replay:
-        if kept.mutates_buffers:  # running statistics were updated by the forward: not again
-            buffers = [b.clone() for b in buffers]
-        now = _rng_state(device)
-        _set_rng_state(kept.rng, device)
-        try:
-            with torch.enable_grad():
-                outputs = fn(*leaves_w, *buffers, *leaves_x)
-        finally:  # the step's own random stream goes on as if no replay had happened
-            _set_rng_state(now, device)
-    else:
+    if loss_of is not None:
+        with torch.enable_grad():
+            loss = loss_of(fn(*leaves_w, *buffers, *leaves_x))
+        # The loss's graph keeps what its backward needs; the other outputs (a Hugging Face model's logits)
+        # are freed before it runs, as the plan counts them.
+        return _differentiate([], output_grads, leaves_w, leaves_x, loss)
+    if kept.mutates_buffers:  # running statistics were updated by the forward: not again
+        buffers = [b.clone() for b in buffers]
+    now = _rng_state(device)
+    _set_rng_state(kept.rng, device)
+    try:
         with torch.enable_grad():
             outputs = fn(*leaves_w, *buffers, *leaves_x)
-    return _differentiate(outputs, output_grads, leaves_w, leaves_x, None if replay else loss_of(outputs))
+    finally:  # the step's own random stream goes on as if no replay had happened
+        _set_rng_state(now, device)
+    return _differentiate(outputs, output_grads, leaves_w, leaves_x, None)
 
 
 def split_rows(values: list, axes: list, rows: int, chunks: int) -> list[list]:

@@ -207,3 +207,34 @@ def test_fx_and_export_give_the_same_partition_and_the_same_training(monkeypatch
 
 def _refuse(*args):
     raise TypeError("fx switched off for this test")
+
+
+def test_the_loss_stages_other_outputs_are_freed_before_its_backward():
+    # A Hugging Face model's logits are an output beside the loss; holding them through the loss's backward
+    # cost a logits-sized tensor the plan does not count (1 GiB at 4k tokens x 128k vocabulary in bf16).
+    import weakref
+
+    from mtc.runtime import templates
+
+    logits_refs, alive_in_backward = [], []
+
+    class Watch(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, value):
+            return value.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            alive_in_backward.append(logits_refs[0]() is not None)
+            return grad
+
+    def stage(weight, hidden):
+        logits = hidden @ weight
+        logits_refs.append(weakref.ref(logits))
+        return Watch.apply(logits.sum()), logits  # sum's backward keeps no logits
+
+    weight, hidden = torch.randn(4, 6), torch.randn(3, 4)
+    _, weight_grads, _ = templates.backward(stage, [weight], [], templates.Kept([hidden], None, False), [False],
+                                               [None, None], torch.device("cpu"), loss_of=lambda outputs: outputs[0])
+    assert alive_in_backward == [False]
+    assert torch.allclose(weight_grads[0], hidden.sum(0)[:, None].expand(4, 6))
