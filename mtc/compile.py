@@ -227,7 +227,7 @@ class Step:
             if _describe(value) != expected:
                 raise ValueError(f"step() argument {name!r} is {_describe(value)} but the plan was compiled for "
                                  f"{expected}; mtc plans for fixed shapes: compile again with this example")
-        loss, self.last_output = self._engine.step(inputs)
+        loss = self._engine.step(inputs)
         self.steps += 1
         return loss
 

@@ -120,7 +120,6 @@ class Engine:
         self.slots = [torch.empty(self.slot_numel, dtype=compute_dtype, device=device)
                       for _ in range(plan.schedule.slots)]
         self.slot_holds = [None] * len(self.slots)
-        self.grad_pool: list[torch.Tensor] = []
         self.shared_weights = self.shared_grad = None
         if store.shared:
             self.shared_weights = torch.empty(store.shared.numel, dtype=compute_dtype, device=device)
@@ -150,23 +149,24 @@ class Engine:
 
     # -- one step ---------------------------------------------------------------------------------
     def step(self, flat_inputs: list):
-        """Issue one step; returns (loss, output) as soon as the work is queued."""
+        """Issue one step; returns the loss as soon as the work is queued. The model's other outputs
+        (a Hugging Face model's logits) are not kept: the plan does not count them past the loss stage."""
         self.worker.raise_error()
         self.parity = self.step_index % 2
         self.compute = torch.cuda.current_stream(self.device) if self.cuda else None
         self.values = {name: (v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
                        for name, v in zip(self.partition.graph_inputs, flat_inputs)}
         self.grads, self.kept, self.grad_of, self.norms = {}, {}, {}, {}
-        self.loss = self.output = None
+        self.loss = None
         if self.shared_grad is not None:
             self._wait_previous_shared_copy_out()
             self.shared_grad.zero_()
         for instr in self.plan.instrs:
             self._issue(instr)
-        loss, output = self.loss, self.output
-        del self.values, self.grads, self.kept, self.grad_of, self.output
+        loss = self.loss
+        del self.values, self.grads, self.kept, self.grad_of
         self.step_index += 1
-        return loss, output
+        return loss
 
     def synchronize(self) -> None:
         """Wait until the device and the optimizer thread have finished everything issued."""
@@ -243,7 +243,9 @@ class Engine:
             group.grad.copy_(self.grad_of[instr.stage][:group.numel], non_blocking=True)
 
     def _free_grad(self, instr):
-        self.grad_pool.append(self.grad_of.pop(instr.stage))
+        # Back to the caching allocator, as the plan counts it: the compute stream has waited for the
+        # copy-out, so the next backward's buffer may reuse the block.
+        del self.grad_of[instr.stage]
 
     # -- offloaded inputs ---------------------------------------------------------------------------
     def _offload(self, instr):
@@ -319,8 +321,7 @@ class Engine:
 
         def loss_of(outputs):
             values = {**self.values, **dict(zip(stage.outputs, outputs))}
-            self.output = self.unflatten_output(resolve_output(self.partition.output, values))
-            return find_loss(self.output)[0]
+            return find_loss(self.unflatten_output(resolve_output(self.partition.output, values)))[0]
 
         self._differentiate(instr, stage, kept, loss_of)
 
@@ -348,8 +349,7 @@ class Engine:
         if instr.stage in self.resident:
             self._flatten_grads(instr.stage, stage, weight_grads, self.store.groups[instr.stage].grad)
         else:
-            flat = self.grad_pool.pop() if self.grad_pool else torch.zeros(
-                self.slot_numel, dtype=self.compute_dtype, device=self.device)
+            flat = torch.zeros(self.slot_numel, dtype=self.compute_dtype, device=self.device)
             self.grad_of[instr.stage] = self._flatten_grads(instr.stage, stage, weight_grads, flat)
 
     def _flatten_grads(self, index, stage, weight_grads, flat: torch.Tensor) -> torch.Tensor:

@@ -201,7 +201,6 @@ def test_an_output_with_a_loss_entry_trains_on_that_loss():
     expected = model(ids, labels)["loss"].item()
     step = mtc.compile(model, gpu_mem="1MB", example=(ids, labels), device="cpu")
     assert float(step(ids, labels)) == pytest.approx(expected, rel=1e-6)
-    assert step.last_output["logits"].shape == (2, 8, 128) and step.last_output["cache"] is None
 
 
 def test_cli_finds_the_longest_sequence_that_fits(capsys):
