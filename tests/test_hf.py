@@ -232,8 +232,8 @@ def test_on_the_gpu_a_hugging_face_model_trains_in_bf16_from_its_checkpoint(tmp_
 def test_on_the_gpu_a_hugging_face_model_trains_on_a_device_of_gpu_mem():
     # Its logits (an output beside the loss) were held past the loss's backward and between steps, and the
     # streamed stages' gradient buffers between steps: a 1B model planned for 16GB reached 16.3 GiB. At
-    # 1.2GB this plan streams some stages and offloads inputs; the device is held to 1.2GB, as a GPU of
-    # that size would be (the allocator gives back its cache before it fails).
+    # 1.2GB this plan streams stages; the device is held to 1.2GB, as a GPU of that size would be (the
+    # allocator gives back its cache before it fails).
     import gc
 
     config = transformers.LlamaConfig(hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
@@ -249,7 +249,7 @@ def test_on_the_gpu_a_hugging_face_model_trains_on_a_device_of_gpu_mem():
         step = mtc.compile(model, "1.2GB", {"input_ids": ids, "labels": ids}, optimizer=HP, clip_grad_norm=1.0,
                            progress=False)
         schedule = step.plan.schedule
-        assert 0 < len(schedule.resident) < len(schedule.stages) and schedule.offload
+        assert schedule.slots > 0
         losses = [step(input_ids=ids, labels=ids).item() for _ in range(3)]
         step.synchronize()
     finally:
