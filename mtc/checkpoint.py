@@ -194,7 +194,8 @@ def hugging_face_model(path: str) -> torch.nn.Module:
     try:
         config = transformers.AutoConfig.from_pretrained(path)
         with _parameters_on_meta():
-            return transformers.AutoModelForCausalLM.from_config(config)
+            # fp32, the masters' dtype, whatever the checkpoint stores: a bf16 config would trace bf16 casts
+            return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     except ValueError as error:  # transformers names the model type it does not know
         raise CheckpointError(f"{path}: {str(error).splitlines()[0]} mtc is tested on "
                               f"{', '.join(TESTED_ARCHITECTURES)}") from None
