@@ -4,10 +4,10 @@
     python -m mtc.examples.hf_load --dir path/to/a/hugging-face/model --gpu-mem 16GB
 
 Writes a randomly initialised checkpoint of a published shape with transformers (bf16 safetensors, as
-published checkpoints are) unless --dir already holds a model, loads it with mtc.from_pretrained while a thread samples the process's
-anonymous and file-backed RSS every 5 ms, trains --steps steps on two alternating random batches of one --seq sequence,
-and compares the first loss with transformers' own forward of the same checkpoint (in mtc's compute
-dtype: bf16 on a GPU, fp32 on the CPU).
+published checkpoints are) unless --dir already holds a model; loads it with mtc.from_pretrained while a
+thread samples the process's anonymous and file-backed RSS every 5 ms; trains --steps steps on two
+alternating random batches of one --seq sequence; and compares the first loss with transformers' own
+forward of the same checkpoint in mtc's compute dtype (bf16 on a GPU, fp32 on the CPU).
 """
 import argparse
 import gc
