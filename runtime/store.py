@@ -84,7 +84,9 @@ class Group:
 
     def load(self, values: dict[str, torch.Tensor]) -> None:
         for piece in self.slices:
-            self.view(self.master, piece).copy_(values[piece.name].detach())
+            master, value = self.view(self.master, piece), values[piece.name].detach()
+            if value.data_ptr() != master.data_ptr():  # else initialised in place (see materialised)
+                master.copy_(value)
         if self.stream is not self.master:
             self.stream.copy_(self.master)
 
@@ -138,29 +140,40 @@ def available_host_bytes() -> int | None:
 
 
 @contextlib.contextmanager
-def materialised(model: torch.nn.Module | None, names: list[str], init):
+def materialised(model: torch.nn.Module | None, names: list[str], init, into: dict[str, torch.Tensor] | None = None):
     """The parameters and buffers `names` as CPU tensors.
 
     Meta ones are created on the CPU and initialised by `init(module)` for each module that owns one,
-    then put back on the meta device, so a model built on the meta device is never whole in memory.
+    then put back on the meta device, so a model built on the meta device is never whole in memory. Those
+    named in `into` (of its shape and dtype) are made there instead: a host group's master weights, which
+    init then writes directly, with no module-sized tensor beside them.
     """
     def lookup(name):
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
         return module, getattr(module, attr)
 
+    into = into or {}
     owners = {}
     for name in names:
         module, tensor = lookup(name)
         if tensor.is_meta:
-            owners[id(module)] = module
-    for module in owners.values():
-        module.to_empty(device="cpu", recurse=False)
+            owners[id(module)] = (module, name.rpartition(".")[0])
+    for module, prefix in owners.values():
+        for kind in ("_parameters", "_buffers"):
+            tensors = getattr(module, kind)
+            for attr, tensor in list(tensors.items()):
+                if tensor is None or not tensor.is_meta:
+                    continue
+                target = into.get(f"{prefix}.{attr}" if prefix else attr)
+                if target is None or target.shape != tensor.shape or target.dtype != tensor.dtype:
+                    target = torch.empty_like(tensor, device="cpu")
+                tensors[attr] = torch.nn.Parameter(target, tensor.requires_grad) if kind == "_parameters" else target
         init(module)
     try:
         yield {name: lookup(name)[1] for name in names}
     finally:
-        for module in owners.values():
+        for module, _ in owners.values():
             module.to_empty(device="meta", recurse=False)
 
 
@@ -225,7 +238,8 @@ class StateStore:
         with _progress(total, progress, "mtc: building the state store") as bar:
             for (name, names, kind), numel in zip(specs, sizes):
                 group = Group(name, [(n, params[n].shape) for n in names], compute_dtype, kind, device)
-                with _values(model, params, names, init) as values:
+                host_master = group.views(group.master) if group.master.device.type == "cpu" else None
+                with _values(model, params, names, init, host_master) as values:
                     group.load(values)
                 groups.append(group)
                 bar.update(numel)
@@ -266,13 +280,14 @@ class StateStore:
 
 
 @contextlib.contextmanager
-def _values(model, source: dict[str, torch.Tensor], names: list[str], init):
-    """source[name] for each name, with meta tensors materialised (and released afterwards) by the model."""
+def _values(model, source: dict[str, torch.Tensor], names: list[str], init, into=None):
+    """source[name] for each name, with meta tensors materialised (and released afterwards) by the model,
+    where `into` names (see materialised)."""
     meta = [n for n in names if isinstance(source[n], torch.Tensor) and source[n].is_meta]
     if meta and model is None:
         raise ValueError(f"{meta[:3]}{'...' if len(meta) > 3 else ''} are on the meta device and there is no "
                          f"model to initialise them from")
-    with materialised(model, meta, init) if meta else contextlib.nullcontext({}) as created:
+    with materialised(model, meta, init, into) if meta else contextlib.nullcontext({}) as created:
         yield {n: created.get(n, source[n]) for n in names}
 
 
