@@ -131,6 +131,8 @@ def main(argv=None) -> int:
                         help="a model directory to load, or where to write one (default: a temporary directory)")
     parser.add_argument("--json", default=None, help="also write the figures here")
     args = parser.parse_args(argv)
+    if args.steps < 2:
+        parser.error(f"--steps={args.steps} is not valid; expected an integer >= 2 (the first step warms up)")
     with tempfile.TemporaryDirectory() as scratch:
         directory = args.dir or scratch
         written = not os.path.isfile(os.path.join(directory, "config.json"))
