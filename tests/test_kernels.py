@@ -4,7 +4,8 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
-from mtc.codegen.kernels import rmsnorm, swiglu  # noqa: E402  (after the skip: triton may be missing)
+# After the skip: triton may be missing.
+from mtc.codegen.kernels import linear_cross_entropy, rmsnorm, swiglu  # noqa: E402
 
 pytestmark = pytest.mark.kernels
 
@@ -30,11 +31,13 @@ def _run(fn, inputs, grad_out, extra=()):
 
 
 def _assert_same(names, kernel, eager, dtype, scales=None):
+    """Elementwise within rtol, or within atol of the largest magnitude (a gradient of a mean over hundreds of
+    tokens is all small numbers: an absolute tolerance alone would pass anything)."""
     atol, rtol = TOLERANCES[dtype]
     for name, mine, theirs in zip(names, kernel, eager):
         assert mine.dtype == theirs.dtype and mine.shape == theirs.shape, name
-        scale = (scales or {}).get(name, 1)
-        torch.testing.assert_close(mine.float(), theirs.float(), atol=atol * scale, rtol=rtol,
+        magnitude = theirs.float().abs().max().item() * (scales or {}).get(name, 1)
+        torch.testing.assert_close(mine.float(), theirs.float(), atol=atol * magnitude, rtol=rtol,
                                    msg=lambda m, name=name: f"{name}: {m}")
 
 
@@ -79,3 +82,45 @@ def test_swiglu_saves_its_inputs_not_the_activation():
     assert len(saved) == 2 and saved[0] is gate and saved[1] is up
     with pytest.raises(ValueError, match=r"gate \(6, 42, 123\) torch.float32 and up \(6, 42\) torch.float32"):
         swiglu.swiglu(gate, up[..., 0])
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_linear_cross_entropy_loss_and_gradients_are_eagers(dtype, reduction):
+    generator = torch.Generator().manual_seed(0)
+    tokens, width, vocab = (6, 42), 123, 431
+    inputs = [_random((*tokens, width), dtype, generator), _random((vocab, width), dtype, generator, std=0.1)]
+    targets = torch.randint(0, vocab, tokens, generator=generator)
+    targets[0, :5] = targets[3, 7] = -100  # ignored
+    targets = targets.to(DEVICE)
+    grad = torch.tensor(0.7, device=DEVICE)  # a scaled loss: the saved gradients are multiplied by it
+    chunk = 40  # 7 chunks, the last partial: the chunking is what is under test
+    kernel = _run(linear_cross_entropy.linear_cross_entropy, inputs, grad, (targets, -100, reduction, chunk))
+    eager = _run(linear_cross_entropy.linear_cross_entropy_reference, inputs, grad, (targets, -100, reduction))
+    # The weight's gradient sums over the tokens; in sum reduction every gradient carries the token count.
+    count = targets.numel()
+    scales = {"loss": count if reduction == "sum" else 1, "grad weight": count ** 0.5}
+    _assert_same(["loss", "grad hidden", "grad weight"], kernel, eager, dtype, scales)
+
+
+def test_linear_cross_entropy_never_holds_the_whole_logits():
+    generator = torch.Generator().manual_seed(0)
+    hidden, weight = _random((256, 16), torch.float32, generator), _random((1000, 16), torch.float32, generator)
+    targets = torch.randint(0, 1000, (256,), generator=generator).to(DEVICE)
+    shapes, matmul = [], torch.Tensor.__matmul__
+
+    def recorded(a, b):
+        result = matmul(a, b)
+        shapes.append(tuple(result.shape))
+        return result
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.Tensor, "__matmul__", recorded)
+        linear_cross_entropy.linear_cross_entropy(hidden, weight, targets)
+    assert linear_cross_entropy.chunk_rows(256, 16, 1000) == 4  # 1000 / 16 -> 63 chunks of logits: 4 rows each
+    logits = [rows for rows, columns in shapes if columns == 1000]  # the others: the weight's gradient, (1000, 16)
+    assert len(logits) == 64 and max(logits) == 4
+    # All ignored: the mean is NaN, as eager's, and no gradient flows.
+    assert torch.isnan(linear_cross_entropy.linear_cross_entropy(hidden, weight, torch.full_like(targets, -100)))
+    with pytest.raises(ValueError, match="reduction='none' is not supported"):
+        linear_cross_entropy.linear_cross_entropy(hidden, weight, targets, reduction="none")

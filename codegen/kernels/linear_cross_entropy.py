@@ -1,0 +1,107 @@
+"""The LM head and its cross-entropy without the logits: loss = CE(hidden @ weight.T, targets), computed a
+chunk of tokens at a time. Each chunk's logits are made by a matmul, turned in place into their gradient by
+one Triton pass per row (online softmax, then softmax - one-hot), and multiplied out into the gradients of
+hidden and weight at once; only one chunk's logits exist at any time. 128k vocabulary x 32k tokens would be
+16 GiB of fp32 logits and as much again for their gradient; here it is one chunk's, about hidden's size.
+
+The softmax is taken in fp32 from the logits in hidden's dtype (as Hugging Face's loss upcasts them);
+ignore_index rows add nothing; reduction "mean" divides by the tokens not ignored (NaN if none, as eager)."""
+import torch
+import triton
+import triton.language as tl
+
+REDUCTIONS = ("mean", "sum")
+BLOCK = 4096  # vocabulary columns per inner step: not yet measured (issue 7)
+
+
+@triton.jit
+def _cross_entropy_grad_kernel(logits_ptr, targets_ptr, losses_ptr, ignore_index, scale, VOCAB: tl.constexpr,
+                               BLOCK: tl.constexpr):
+    """One row: its loss to losses_ptr, and its logits overwritten by d(scale * loss)/d(logits)."""
+    row = tl.program_id(0).to(tl.int64)
+    logits_ptr += row * VOCAB
+    target = tl.load(targets_ptr + row)
+    valid = target != ignore_index
+    running_max = tl.zeros([], dtype=tl.float32) - float("inf")
+    running_sum = tl.zeros([], dtype=tl.float32)
+    for start in range(0, VOCAB, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        logits = tl.load(logits_ptr + cols, mask=cols < VOCAB, other=-float("inf")).to(tl.float32)
+        new_max = tl.maximum(running_max, tl.max(logits, axis=0))
+        running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(logits - new_max), axis=0)
+        running_max = new_max
+    log_sum_exp = running_max + tl.log(running_sum)
+    target_logit = tl.load(logits_ptr + tl.where(valid, target, 0)).to(tl.float32)
+    tl.store(losses_ptr + row, tl.where(valid, log_sum_exp - target_logit, 0.0))
+    row_scale = tl.where(valid, scale, 0.0)
+    for start in range(0, VOCAB, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = cols < VOCAB
+        logits = tl.load(logits_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        grad = tl.exp(logits - log_sum_exp) - tl.where(cols == target, 1.0, 0.0)
+        tl.store(logits_ptr + cols, (grad * row_scale).to(logits_ptr.dtype.element_ty), mask=mask)
+
+
+def chunk_rows(rows: int, hidden: int, vocab: int) -> int:
+    """Tokens per chunk: a chunk's logits no larger than hidden (rows x hidden), so the chunk costs no more
+    memory than the input it comes from; a power of two, for the matmuls."""
+    fitting = max(1, rows // triton.cdiv(vocab, hidden))
+    return min(rows, 1 << (fitting.bit_length() - 1))
+
+
+def linear_cross_entropy_forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                                 ignore_index: int = -100, reduction: str = "mean", chunk: int | None = None):
+    """(loss in fp32, gradient of hidden, gradient of weight) of CE(hidden @ weight.T, targets): hidden
+    (rows, H), weight (V, H), targets (rows,). The weight's gradient is summed over chunks in fp32."""
+    rows, width = hidden.shape
+    vocab = weight.shape[0]
+    chunk = chunk or chunk_rows(rows, width, vocab)
+    valid = (targets != ignore_index).sum().item()
+    scale = 1.0 / valid if reduction == "mean" and valid else 1.0 if reduction == "sum" else 0.0
+    losses = torch.empty(rows, dtype=torch.float32, device=hidden.device)
+    grad_hidden = torch.empty_like(hidden)
+    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+    for start in range(0, rows, chunk):
+        piece = hidden[start:start + chunk]
+        logits = piece @ weight.T  # becomes its own gradient in place
+        _cross_entropy_grad_kernel[(piece.shape[0],)](logits, targets[start:start + chunk].contiguous(),
+                                                      losses[start:start + chunk], ignore_index, scale,
+                                                      VOCAB=vocab, BLOCK=min(BLOCK, triton.next_power_of_2(vocab)))
+        torch.matmul(logits, weight, out=grad_hidden[start:start + chunk])
+        grad_weight += logits.T @ piece  # each chunk's product rounded to hidden's dtype, their sum in fp32
+    loss = losses.sum() / valid if reduction == "mean" else losses.sum()
+    return loss, grad_hidden, grad_weight.to(weight.dtype)
+
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, ignore_index, reduction, chunk):
+        loss, grad_hidden, grad_weight = linear_cross_entropy_forward(hidden, weight, targets, ignore_index,
+                                                                      reduction, chunk)
+        ctx.save_for_backward(grad_hidden, grad_weight)  # the gradients, made in the forward
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_loss.to(grad_hidden.dtype), grad_weight * grad_loss.to(grad_weight.dtype), \
+            None, None, None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+                         reduction: str = "mean", chunk: int | None = None) -> torch.Tensor:
+    """CE(hidden @ weight.T, targets) for hidden (..., H) and targets (...), as an fp32 scalar."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction={reduction!r} is not supported; expected one of {REDUCTIONS}")
+    if hidden.shape[:-1] != targets.shape or hidden.shape[-1] != weight.shape[-1]:
+        raise ValueError(f"linear_cross_entropy: hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)} and "
+                         f"targets {tuple(targets.shape)} do not fit: expected (..., H), (V, H) and (...)")
+    return LinearCrossEntropyFunction.apply(hidden.reshape(-1, hidden.shape[-1]).contiguous(), weight.contiguous(),
+                                            targets.reshape(-1), ignore_index, reduction, chunk)
+
+
+def linear_cross_entropy_reference(hidden, weight, targets, ignore_index: int = -100, reduction: str = "mean"):
+    """The eager spelling the kernel replaces: the whole logits, upcast, then cross-entropy."""
+    logits = (hidden @ weight.T).float()
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                             ignore_index=ignore_index, reduction=reduction)
