@@ -1,0 +1,102 @@
+"""Each Triton kernel against its eager spelling (and torch.compile of it) at Llama-3-8B shapes, on a GPU.
+
+    python -m mtc.examples.kernel_bench [--tokens 16384] [--loss-tokens 32768] [--compile] [--json out.json]
+
+Times forward + backward (CUDA events, median of --repeat after --warmup) in bf16, and the peak memory the
+fused loss adds over its inputs against eager's full logits.
+"""
+import argparse
+import json
+import statistics
+
+import torch
+
+from mtc.codegen.kernels import linear_cross_entropy, rmsnorm, swiglu
+
+HIDDEN, INTERMEDIATE, VOCAB = 4096, 14336, 128256  # Llama-3-8B
+
+
+def _time(fn, args, grad, warmup: int, repeat: int) -> float:
+    """Median seconds of fn(*args).backward(grad)."""
+    leaves = [a.detach().requires_grad_() if a.is_floating_point() else a for a in args]
+    times = []
+    for index in range(warmup + repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn(*leaves).backward(grad)
+        end.record()
+        end.synchronize()
+        if index >= warmup:
+            times.append(start.elapsed_time(end) / 1e3)
+        for leaf in leaves:
+            leaf.grad = None
+    return statistics.median(times)
+
+
+def _peak_bytes_above_inputs(fn, args, grad) -> int | None:
+    leaves = [a.detach().requires_grad_() if a.is_floating_point() else a for a in args]
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    try:
+        fn(*leaves).backward(grad)
+    except torch.OutOfMemoryError:
+        return None
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def _describe(result: dict) -> str:
+    if result["seconds"] is None:
+        return "out of memory"
+    return f"{result['seconds'] * 1e3:.2f} ms, {result['peak_bytes_above_inputs'] / 2**30:.2f} GiB above its inputs"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=16384, help="tokens for the norm and MLP kernels")
+    parser.add_argument("--loss-tokens", type=int, default=32768, help="tokens for the fused loss")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile of each eager spelling")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=10)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA GPU")
+    torch.manual_seed(0)
+    dtype, device = torch.bfloat16, "cuda"
+    x = torch.randn(args.tokens, HIDDEN, device=device, dtype=dtype)
+    gate, up = (torch.randn(args.tokens, INTERMEDIATE, device=device, dtype=dtype) for _ in range(2))
+    hidden = torch.randn(args.loss_tokens, HIDDEN, device=device, dtype=dtype)
+    head = 0.02 * torch.randn(VOCAB, HIDDEN, device=device, dtype=dtype)
+    targets = torch.randint(0, VOCAB, (args.loss_tokens,), device=device)
+    cases = {
+        "rmsnorm": (rmsnorm.rmsnorm, rmsnorm.rmsnorm_reference, (x, torch.ones(HIDDEN, device=device, dtype=dtype)),
+                    torch.randn_like(x), (1e-5,)),
+        "swiglu": (swiglu.swiglu, swiglu.swiglu_reference, (gate, up), torch.randn_like(gate), ()),
+        "linear_cross_entropy": (linear_cross_entropy.linear_cross_entropy,
+                                 linear_cross_entropy.linear_cross_entropy_reference, (hidden, head, targets),
+                                 torch.tensor(1.0, device=device), ()),
+    }
+    results = {}
+    for name, (kernel, eager, inputs, grad, extra) in cases.items():
+        systems = {"kernel": lambda *a, fn=kernel, extra=extra: fn(*a, *extra),
+                   "eager": lambda *a, fn=eager, extra=extra: fn(*a, *extra)}
+        if args.compile:
+            systems["torch.compile"] = lambda *a, fn=torch.compile(eager), extra=extra: fn(*a, *extra)
+        row = {}
+        for system, fn in systems.items():
+            peak = _peak_bytes_above_inputs(fn, inputs, grad)
+            row[system] = {"peak_bytes_above_inputs": peak,
+                           "seconds": None if peak is None else _time(fn, inputs, grad, args.warmup, args.repeat)}
+        results[name] = row
+        print(f"{name:22s}", "  ".join(f"{system}: {_describe(result)}" for system, result in row.items()), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "tokens": args.tokens,
+                       "loss_tokens": args.loss_tokens, "results": results}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
