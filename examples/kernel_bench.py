@@ -59,6 +59,8 @@ def main(argv=None) -> int:
     parser.add_argument("--compile", action="store_true", help="also time torch.compile of each eager spelling")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeat", type=int, default=10)
+    parser.add_argument("--loss-chunks", default="", help="also time the fused loss at these tokens per chunk, "
+                        "e.g. 1024,4096 (default: its own rule only)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -78,11 +80,16 @@ def main(argv=None) -> int:
                                  linear_cross_entropy.linear_cross_entropy_reference, (hidden, head, targets),
                                  torch.tensor(1.0, device=device), ()),
     }
+    for chunk in (int(c) for c in args.loss_chunks.split(",") if c):
+        cases[f"linear_cross_entropy@{chunk}"] = (linear_cross_entropy.linear_cross_entropy, None,
+                                                  (hidden, head, targets), torch.tensor(1.0, device=device),
+                                                  (-100, "mean", chunk))
     results = {}
     for name, (kernel, eager, inputs, grad, extra) in cases.items():
-        systems = {"kernel": lambda *a, fn=kernel, extra=extra: fn(*a, *extra),
-                   "eager": lambda *a, fn=eager, extra=extra: fn(*a, *extra)}
-        if args.compile:
+        systems = {"kernel": lambda *a, fn=kernel, extra=extra: fn(*a, *extra)}
+        if eager is not None:
+            systems["eager"] = lambda *a, fn=eager, extra=extra: fn(*a, *extra)
+        if args.compile and eager is not None:
             systems["torch.compile"] = lambda *a, fn=torch.compile(eager), extra=extra: fn(*a, *extra)
         row = {}
         for system, fn in systems.items():

@@ -116,11 +116,25 @@ def test_linear_cross_entropy_never_holds_the_whole_logits():
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(torch.Tensor, "__matmul__", recorded)
-        linear_cross_entropy.linear_cross_entropy(hidden, weight, targets)
-    assert linear_cross_entropy.chunk_rows(256, 16, 1000) == 4  # 1000 / 16 -> 63 chunks of logits: 4 rows each
+        linear_cross_entropy.linear_cross_entropy(hidden, weight, targets, chunk=48)
     logits = [rows for rows, columns in shapes if columns == 1000]  # the others: the weight's gradient, (1000, 16)
-    assert len(logits) == 64 and max(logits) == 4
-    # All ignored: the mean is NaN, as eager's, and no gradient flows.
+    assert logits == [48] * 5 + [16]
+    # The rule: logits up to 4x hidden's size, at least 4096 tokens (fewer, and the weight's fp32 gradient
+    # is added up too often), a power of two.
+    assert [linear_cross_entropy.chunk_rows(rows, 4096, 128256) for rows in (1024, 4096, 32768, 65536)] == \
+        [1024, 4096, 4096, 8192]
+    # All ignored: the mean is NaN, as eager's.
     assert torch.isnan(linear_cross_entropy.linear_cross_entropy(hidden, weight, torch.full_like(targets, -100)))
     with pytest.raises(ValueError, match="reduction='none' is not supported"):
         linear_cross_entropy.linear_cross_entropy(hidden, weight, targets, reduction="none")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_linear_cross_entropy_in_one_chunk_is_eagers(dtype):
+    generator = torch.Generator().manual_seed(1)
+    inputs = [_random((37, 123), dtype, generator), _random((431, 123), dtype, generator, std=0.1)]
+    targets = torch.randint(0, 431, (37,), generator=generator).to(DEVICE)
+    grad = torch.tensor(1.0, device=DEVICE)
+    kernel = _run(linear_cross_entropy.linear_cross_entropy, inputs, grad, (targets, -100, "mean", 64))
+    eager = _run(linear_cross_entropy.linear_cross_entropy_reference, inputs, grad, (targets,))
+    _assert_same(["loss", "grad hidden", "grad weight"], kernel, eager, dtype, {"grad weight": 37 ** 0.5})

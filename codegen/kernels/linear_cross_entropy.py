@@ -42,17 +42,34 @@ def _cross_entropy_grad_kernel(logits_ptr, targets_ptr, losses_ptr, ignore_index
         tl.store(logits_ptr + cols, (grad * row_scale).to(logits_ptr.dtype.element_ty), mask=mask)
 
 
+MIN_CHUNK_ROWS = 4096
+"""Each chunk adds its weight gradient into an fp32 total the size of the head: a pass over V x H x 8 bytes
+that small chunks repeat too often. Llama-3-8B head, 32k tokens, H100 (BENCHMARKS.md, 2026-11-22): 512 rows
+a chunk 238.6 ms, 1024 183.8, 2048 167.4, 4096 162.6, 8192 159.8 (torch.compile of eager: 159.8 ms)."""
+
+
 def chunk_rows(rows: int, hidden: int, vocab: int) -> int:
-    """Tokens per chunk: a chunk's logits no larger than hidden (rows x hidden), so the chunk costs no more
-    memory than the input it comes from; a power of two, for the matmuls."""
-    fitting = max(1, rows // triton.cdiv(vocab, hidden))
+    """Tokens per chunk: logits up to four times hidden's size (rows x hidden), at least MIN_CHUNK_ROWS of
+    them, a power of two; at 4096 rows the 8B head's chunk is 1 GiB of bf16 logits where eager holds 47."""
+    fitting = max(MIN_CHUNK_ROWS, 4 * rows // triton.cdiv(vocab, hidden))
     return min(rows, 1 << (fitting.bit_length() - 1))
+
+
+def _accumulate(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """total (fp32) += a @ b. On a GPU, cuBLAS adds a bf16/fp16 product into the fp32 total in its epilogue;
+    a bf16 product added separately cost a pass over the weight's size per chunk (226 ms for the 8B head at
+    32k tokens against torch.compile's 159, on the H100)."""
+    if a.is_cuda and a.dtype != torch.float32:
+        torch.addmm(total, a, b, out_dtype=torch.float32, out=total)
+    else:  # the CPU has no mixed-dtype matmul: each chunk's product is rounded to the inputs' dtype
+        total += a @ b
 
 
 def linear_cross_entropy_forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                                  ignore_index: int = -100, reduction: str = "mean", chunk: int | None = None):
     """(loss in fp32, gradient of hidden, gradient of weight) of CE(hidden @ weight.T, targets): hidden
-    (rows, H), weight (V, H), targets (rows,). The weight's gradient is summed over chunks in fp32."""
+    (rows, H), weight (V, H), targets (rows,). Over several chunks the weight's gradient is summed in fp32;
+    one chunk's is its product, in weight's dtype, as eager's (an fp32 total would cost 3 bytes a weight more)."""
     rows, width = hidden.shape
     vocab = weight.shape[0]
     chunk = chunk or chunk_rows(rows, width, vocab)
@@ -60,7 +77,8 @@ def linear_cross_entropy_forward(hidden: torch.Tensor, weight: torch.Tensor, tar
     scale = 1.0 / valid if reduction == "mean" and valid else 1.0 if reduction == "sum" else 0.0
     losses = torch.empty(rows, dtype=torch.float32, device=hidden.device)
     grad_hidden = torch.empty_like(hidden)
-    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+    chunked = chunk < rows
+    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if chunked else None
     for start in range(0, rows, chunk):
         piece = hidden[start:start + chunk]
         logits = piece @ weight.T  # becomes its own gradient in place
@@ -68,7 +86,10 @@ def linear_cross_entropy_forward(hidden: torch.Tensor, weight: torch.Tensor, tar
                                                       losses[start:start + chunk], ignore_index, scale,
                                                       VOCAB=vocab, BLOCK=min(BLOCK, triton.next_power_of_2(vocab)))
         torch.matmul(logits, weight, out=grad_hidden[start:start + chunk])
-        grad_weight += logits.T @ piece  # each chunk's product rounded to hidden's dtype, their sum in fp32
+        if chunked:
+            _accumulate(grad_weight, logits.T, piece)
+        else:
+            grad_weight = logits.T @ piece
     loss = losses.sum() / valid if reduction == "mean" else losses.sum()
     return loss, grad_hidden, grad_weight.to(weight.dtype)
 
