@@ -11,14 +11,19 @@ import statistics
 
 import torch
 
-from mtc.codegen.kernels import linear_cross_entropy, rmsnorm, swiglu
+from mtc.codegen.kernels import linear_cross_entropy, rmsnorm, rope, swiglu
 
-HIDDEN, INTERMEDIATE, VOCAB = 4096, 14336, 128256  # Llama-3-8B
+HIDDEN, INTERMEDIATE, VOCAB, HEADS, HEAD_DIM = 4096, 14336, 128256, 32, 128  # Llama-3-8B
 
 
-def _time(fn, args, grad, warmup: int, repeat: int) -> float:
+def _leaves(args, differentiable: int) -> list:
+    """The first `differentiable` args as fresh leaves that take gradients, the rest (tables, targets) as given."""
+    return [a.detach().requires_grad_() for a in args[:differentiable]] + list(args[differentiable:])
+
+
+def _time(fn, args, differentiable: int, grad, warmup: int, repeat: int) -> float:
     """Median seconds of fn(*args).backward(grad)."""
-    leaves = [a.detach().requires_grad_() if a.is_floating_point() else a for a in args]
+    leaves = _leaves(args, differentiable)
     times = []
     for index in range(warmup + repeat):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -28,13 +33,13 @@ def _time(fn, args, grad, warmup: int, repeat: int) -> float:
         end.synchronize()
         if index >= warmup:
             times.append(start.elapsed_time(end) / 1e3)
-        for leaf in leaves:
+        for leaf in leaves[:differentiable]:
             leaf.grad = None
     return statistics.median(times)
 
 
-def _peak_bytes_above_inputs(fn, args, grad) -> int | None:
-    leaves = [a.detach().requires_grad_() if a.is_floating_point() else a for a in args]
+def _peak_bytes_above_inputs(fn, args, differentiable: int, grad) -> int | None:
+    leaves = _leaves(args, differentiable)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
@@ -54,7 +59,8 @@ def _describe(result: dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=16384, help="tokens for the norm and MLP kernels")
+    parser.add_argument("--tokens", type=int, default=16384,
+                        help="tokens for the norm, MLP and rotary kernels (rotary: sequences of 4096)")
     parser.add_argument("--loss-tokens", type=int, default=32768, help="tokens for the fused loss")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile of each eager spelling")
     parser.add_argument("--warmup", type=int, default=3)
@@ -65,27 +71,35 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU")
+    if args.tokens < 4096 or args.tokens % 4096:
+        parser.error(f"--tokens={args.tokens} is not valid; expected a multiple of 4096 (the rotary kernel's sequences)")
     torch.manual_seed(0)
     dtype, device = torch.bfloat16, "cuda"
     x = torch.randn(args.tokens, HIDDEN, device=device, dtype=dtype)
     gate, up = (torch.randn(args.tokens, INTERMEDIATE, device=device, dtype=dtype) for _ in range(2))
+    # Queries as attention makes them: (sequences of 4096, tokens, heads, head_dim) viewed as (B, H, T, D).
+    queries = torch.randn(args.tokens // 4096, 4096, HEADS, HEAD_DIM, device=device, dtype=dtype).transpose(1, 2)
+    angles = torch.rand(4096, HEAD_DIM, device=device)
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
     hidden = torch.randn(args.loss_tokens, HIDDEN, device=device, dtype=dtype)
     head = 0.02 * torch.randn(VOCAB, HIDDEN, device=device, dtype=dtype)
     targets = torch.randint(0, VOCAB, (args.loss_tokens,), device=device)
-    cases = {
+    cases = {  # name: (kernel, eager, inputs, how many of them take gradients, gradient of the output, extra args)
         "rmsnorm": (rmsnorm.rmsnorm, rmsnorm.rmsnorm_reference, (x, torch.ones(HIDDEN, device=device, dtype=dtype)),
-                    torch.randn_like(x), (1e-5,)),
-        "swiglu": (swiglu.swiglu, swiglu.swiglu_reference, (gate, up), torch.randn_like(gate), ()),
+                    2, torch.randn_like(x), (1e-5,)),
+        "swiglu": (swiglu.swiglu, swiglu.swiglu_reference, (gate, up), 2, torch.randn_like(gate), ()),
+        "rope": (rope.rope, rope.rope_reference, (queries, cos, sin), 1,
+                 torch.randn(queries.shape, device=device, dtype=dtype), ()),
         "linear_cross_entropy": (linear_cross_entropy.linear_cross_entropy,
-                                 linear_cross_entropy.linear_cross_entropy_reference, (hidden, head, targets),
+                                 linear_cross_entropy.linear_cross_entropy_reference, (hidden, head, targets), 2,
                                  torch.tensor(1.0, device=device), ()),
     }
     for chunk in (int(c) for c in args.loss_chunks.split(",") if c):
         cases[f"linear_cross_entropy@{chunk}"] = (linear_cross_entropy.linear_cross_entropy, None,
-                                                  (hidden, head, targets), torch.tensor(1.0, device=device),
+                                                  (hidden, head, targets), 2, torch.tensor(1.0, device=device),
                                                   (-100, "mean", chunk))
     results = {}
-    for name, (kernel, eager, inputs, grad, extra) in cases.items():
+    for name, (kernel, eager, inputs, differentiable, grad, extra) in cases.items():
         systems = {"kernel": lambda *a, fn=kernel, extra=extra: fn(*a, *extra)}
         if eager is not None:
             systems["eager"] = lambda *a, fn=eager, extra=extra: fn(*a, *extra)
@@ -93,9 +107,9 @@ def main(argv=None) -> int:
             systems["torch.compile"] = lambda *a, fn=torch.compile(eager), extra=extra: fn(*a, *extra)
         row = {}
         for system, fn in systems.items():
-            peak = _peak_bytes_above_inputs(fn, inputs, grad)
-            row[system] = {"peak_bytes_above_inputs": peak,
-                           "seconds": None if peak is None else _time(fn, inputs, grad, args.warmup, args.repeat)}
+            peak = _peak_bytes_above_inputs(fn, inputs, differentiable, grad)
+            seconds = None if peak is None else _time(fn, inputs, differentiable, grad, args.warmup, args.repeat)
+            row[system] = {"peak_bytes_above_inputs": peak, "seconds": seconds}
         results[name] = row
         print(f"{name:22s}", "  ".join(f"{system}: {_describe(result)}" for system, result in row.items()), flush=True)
     if args.json:

@@ -5,7 +5,7 @@ import torch
 
 pytest.importorskip("triton")
 # After the skip: triton may be missing.
-from mtc.codegen.kernels import linear_cross_entropy, rmsnorm, swiglu  # noqa: E402
+from mtc.codegen.kernels import linear_cross_entropy, rmsnorm, rope, swiglu  # noqa: E402
 
 pytestmark = pytest.mark.kernels
 
@@ -138,3 +138,35 @@ def test_linear_cross_entropy_in_one_chunk_is_eagers(dtype):
     kernel = _run(linear_cross_entropy.linear_cross_entropy, inputs, grad, (targets, -100, "mean", 64))
     eager = _run(linear_cross_entropy.linear_cross_entropy_reference, inputs, grad, (targets,))
     _assert_same(["loss", "grad hidden", "grad weight"], kernel, eager, dtype, {"grad weight": 37 ** 0.5})
+
+
+@pytest.mark.parametrize("tables", ["shared", "per_sequence"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rope_forward_and_gradient_are_eagers(dtype, tables):
+    generator = torch.Generator().manual_seed(0)
+    batch, tokens, heads, head_dim = 2, 7, 3, 10  # half a head: 5 of a block of 8
+    # As attention makes it: the projection (B, T, H*D) split into heads and transposed, not contiguous.
+    x = _random((batch, tokens, heads * head_dim), dtype, generator).unflatten(-1, (heads, head_dim)).transpose(1, 2)
+    # Halves unlike (models repeat them): each half of each table is read where it should be.
+    angles = torch.rand((batch if tables == "per_sequence" else 1, tokens, head_dim), generator=generator) * 6
+    cos, sin = (f(angles).to(DEVICE, dtype) for f in (torch.cos, torch.sin))
+    if tables == "shared":
+        cos, sin = cos[0], sin[0]
+    grad = _random((batch, heads, tokens, head_dim), dtype, generator)
+    kernel = _run(lambda t: rope.rope(t, cos, sin), [x], grad)
+    eager = _run(lambda t: rope.rope_reference(t, cos, sin), [x], grad)
+    _assert_same(["y", "grad x"], kernel, eager, dtype)
+
+
+def test_rope_saves_only_the_tables_and_refuses_what_does_not_fit():
+    generator = torch.Generator().manual_seed(0)
+    x = _random((1, 2, 5, 8), torch.float32, generator).requires_grad_()
+    cos, sin = _random((5, 8), torch.float32, generator), _random((5, 8), torch.float32, generator)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        rope.rope(x, cos, sin)
+    assert len(saved) == 2 and saved[0] is cos and saved[1] is sin
+    with pytest.raises(ValueError, match=r"tables of \(\.\.\., tokens, head_dim\) = \(\.\.\., 5, 8\)"):
+        rope.rope(x, cos[:4], sin[:4])
+    with pytest.raises(ValueError, match="tables without gradients"):
+        rope.rope(x, cos.requires_grad_(), sin)
