@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU")
     if args.tokens < 4096 or args.tokens % 4096:
-        parser.error(f"--tokens={args.tokens} is not valid; expected a multiple of 4096 (the rotary kernel's sequences)")
+        parser.error(f"--tokens={args.tokens} is not valid; expected a multiple of 4096 (the rotary sequences)")
     torch.manual_seed(0)
     dtype, device = torch.bfloat16, "cuda"
     x = torch.randn(args.tokens, HIDDEN, device=device, dtype=dtype)

@@ -170,3 +170,14 @@ def test_rope_saves_only_the_tables_and_refuses_what_does_not_fit():
         rope.rope(x, cos[:4], sin[:4])
     with pytest.raises(ValueError, match="tables without gradients"):
         rope.rope(x, cos.requires_grad_(), sin)
+
+
+def test_rope_keeps_the_layout_it_is_given():
+    generator = torch.Generator().manual_seed(0)
+    projection = _random((2, 5, 3 * 8), torch.float32, generator).requires_grad_()
+    x = projection.unflatten(-1, (3, 8)).transpose(1, 2)  # (B, H, T, D) over (B, T, H, D) memory
+    cos, sin = _random((5, 8), torch.float32, generator), _random((5, 8), torch.float32, generator)
+    y = rope.rope(x, cos, sin)
+    assert y.stride() == x.stride()  # the next op reads it as eager's output, no copy in between
+    y.backward(torch.ones_like(y))
+    assert projection.grad.shape == projection.shape

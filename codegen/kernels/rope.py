@@ -1,8 +1,8 @@
 """Rotary position embedding: y = x·cos + rotate_half(x)·sin, rotate_half(x) = (-x₂, x₁) for the two halves
 of the head dimension, as Llama and Hugging Face apply it to queries and keys. x is (batch, heads, tokens,
-head_dim), read through its strides (the transposed view attention makes of the projection); cos and sin
-are (tokens, head_dim) or (batch or 1, tokens, head_dim), tables without gradients. The backward is the
-rotation by -angle, so nothing is saved but the tables."""
+head_dim), read and written through its strides (the transposed view attention makes of the projection);
+cos and sin are (tokens, head_dim) or (batch or 1, tokens, head_dim), tables without gradients. The
+backward is the rotation by -angle, so nothing is saved but the tables."""
 import torch
 import triton
 import triton.language as tl
@@ -10,35 +10,36 @@ import triton.language as tl
 
 @triton.jit
 def _rope_kernel(x_ptr, cos_ptr, sin_ptr, y_ptr, heads, tokens, x_batch_stride, x_head_stride, x_token_stride,
-                 table_batch_stride, HALF: tl.constexpr, BLOCK: tl.constexpr, INVERSE: tl.constexpr):
-    """One (batch, head, token) row; INVERSE rotates by -angle (the backward: sin's sign flips)."""
-    row = tl.program_id(0)
-    token = row % tokens
-    head = (row // tokens) % heads
-    batch = row // (tokens * heads)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < HALF
-    x_row = x_ptr + batch.to(tl.int64) * x_batch_stride + head.to(tl.int64) * x_head_stride + \
-        token.to(tl.int64) * x_token_stride
-    table_row = batch.to(tl.int64) * table_batch_stride + token.to(tl.int64) * (2 * HALF)
+                 y_batch_stride, y_head_stride, y_token_stride, table_batch_stride, HALF: tl.constexpr,
+                 BLOCK: tl.constexpr, HEADS_BLOCK: tl.constexpr, INVERSE: tl.constexpr):
+    """One token of one sequence, HEADS_BLOCK of its heads (adjacent in the projection's layout), the
+    tables' row read once for all of them; INVERSE rotates by -angle (the backward)."""
+    token = tl.program_id(0) % tokens
+    batch = tl.program_id(0) // tokens
+    head = tl.program_id(1) * HEADS_BLOCK + tl.arange(0, HEADS_BLOCK)[:, None]
+    cols = tl.arange(0, BLOCK)[None, :]
+    mask = (head < heads) & (cols < HALF)
+    x_row = x_ptr + batch.to(tl.int64) * x_batch_stride + token.to(tl.int64) * x_token_stride + head * x_head_stride
     first = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
     second = tl.load(x_row + HALF + cols, mask=mask, other=0.0).to(tl.float32)
-    cos_first = tl.load(cos_ptr + table_row + cols, mask=mask, other=0.0).to(tl.float32)
-    cos_second = tl.load(cos_ptr + table_row + HALF + cols, mask=mask, other=0.0).to(tl.float32)
-    sin_first = tl.load(sin_ptr + table_row + cols, mask=mask, other=0.0).to(tl.float32)
-    sin_second = tl.load(sin_ptr + table_row + HALF + cols, mask=mask, other=0.0).to(tl.float32)
+    table_row = batch.to(tl.int64) * table_batch_stride + token.to(tl.int64) * (2 * HALF)
+    table_mask = cols < HALF
+    cos_first = tl.load(cos_ptr + table_row + cols, mask=table_mask, other=0.0).to(tl.float32)
+    cos_second = tl.load(cos_ptr + table_row + HALF + cols, mask=table_mask, other=0.0).to(tl.float32)
+    sin_first = tl.load(sin_ptr + table_row + cols, mask=table_mask, other=0.0).to(tl.float32)
+    sin_second = tl.load(sin_ptr + table_row + HALF + cols, mask=table_mask, other=0.0).to(tl.float32)
     if INVERSE:  # the transpose of the rotation: (dy₁·cos₁ + dy₂·sin₂, dy₂·cos₂ - dy₁·sin₁)
         out_first = first * cos_first + second * sin_second
         out_second = second * cos_second - first * sin_first
     else:
         out_first = first * cos_first - second * sin_first
         out_second = second * cos_second + first * sin_second
-    y_row = y_ptr + row.to(tl.int64) * (2 * HALF)
+    y_row = y_ptr + batch.to(tl.int64) * y_batch_stride + token.to(tl.int64) * y_token_stride + head * y_head_stride
     tl.store(y_row + cols, out_first.to(y_ptr.dtype.element_ty), mask=mask)
     tl.store(y_row + HALF + cols, out_second.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def _tables(cos: torch.Tensor, sin: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+def _tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     """cos and sin as contiguous (batch or 1, tokens, head_dim), and their batch stride (0: shared)."""
     cos, sin = (t.reshape(-1, *t.shape[-2:]).contiguous() for t in (cos, sin))
     return cos, sin, 0 if cos.shape[0] == 1 else cos.stride(0)
@@ -46,21 +47,24 @@ def _tables(cos: torch.Tensor, sin: torch.Tensor, batch: int) -> tuple[torch.Ten
 
 def rope_apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False,
                dtype: torch.dtype | None = None) -> torch.Tensor:
-    """x rotated by the tables' angles (by minus them with inverse), as a contiguous (B, H, T, D) tensor of
-    `dtype` (default: x's and the tables' promoted, as eager's product)."""
+    """x rotated by the tables' angles (by minus them with inverse), laid out as x is (attention's transposed
+    view stays one), of `dtype` (default: x's and the tables' promoted, as eager's product)."""
     batch, heads, tokens, head_dim = x.shape
     if head_dim % 2 or cos.shape[-2:] != (tokens, head_dim) or sin.shape != cos.shape:
         raise ValueError(f"rope: x {tuple(x.shape)} with cos {tuple(cos.shape)} and sin {tuple(sin.shape)}: expected "
                          f"an even head_dim and tables of (..., tokens, head_dim) = (..., {tokens}, {head_dim})")
     if x.stride(-1) != 1:
         x = x.contiguous()
-    cos, sin, table_batch_stride = _tables(cos, sin, batch)
-    y = torch.empty(x.shape, dtype=dtype or torch.promote_types(x.dtype, cos.dtype), device=x.device)
+    cos, sin, table_batch_stride = _tables(cos, sin)
+    y = torch.empty_like(x, dtype=dtype or torch.promote_types(x.dtype, cos.dtype))
     if y.numel():
         half = head_dim // 2
-        _rope_kernel[(batch * heads * tokens,)](x, cos, sin, y, heads, tokens, x.stride(0), x.stride(1), x.stride(2),
-                                                table_batch_stride, HALF=half, BLOCK=triton.next_power_of_2(half),
-                                                INVERSE=inverse)
+        block = triton.next_power_of_2(half)
+        # The heads of one token are adjacent in the projection's layout: a tile of up to 4096 elements of them.
+        heads_block = min(triton.next_power_of_2(heads), max(1, 4096 // (2 * block)))
+        _rope_kernel[(batch * tokens, triton.cdiv(heads, heads_block))](
+            x, cos, sin, y, heads, tokens, x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1),
+            y.stride(2), table_batch_stride, HALF=half, BLOCK=block, HEADS_BLOCK=heads_block, INVERSE=inverse)
     return y
 
 
