@@ -181,3 +181,23 @@ def test_rope_keeps_the_layout_it_is_given():
     assert y.stride() == x.stride()  # the next op reads it as eager's output, no copy in between
     y.backward(torch.ones_like(y))
     assert projection.grad.shape == projection.shape
+
+
+def test_on_the_meta_device_each_kernel_gives_eagers_shapes_and_dtypes():
+    # The planner runs blocks on the meta device: a kernel there launches nothing and returns what eager would.
+    def meta(*shape, dtype=torch.bfloat16):
+        return torch.empty(shape, dtype=dtype, device="meta", requires_grad=dtype.is_floating_point)
+
+    cases = [(rmsnorm.rmsnorm, rmsnorm.rmsnorm_reference, (meta(6, 42, 123), meta(123)), (1e-6,)),
+             (swiglu.swiglu, swiglu.swiglu_reference, (meta(6, 431), meta(6, 431)), ()),
+             (lambda x: rope.rope(x, cos, sin), lambda x: rope.rope_reference(x, cos, sin), (meta(2, 3, 5, 8),), ()),
+             (linear_cross_entropy.linear_cross_entropy, None, (meta(6, 42, 123), meta(431, 123)),
+              (torch.zeros(6, 42, dtype=torch.long, device="meta"),))]
+    cos, sin = (torch.empty(5, 8, dtype=torch.bfloat16, device="meta") for _ in range(2))
+    for kernel, eager, inputs, extra in cases:
+        out = kernel(*inputs, *extra)
+        if eager is not None:
+            expected = eager(*inputs, *extra)
+            assert (out.shape, out.dtype) == (expected.shape, expected.dtype), kernel
+        grads = torch.autograd.grad(out, inputs, torch.ones_like(out))
+        assert [(g.shape, g.dtype) for g in grads] == [(i.shape, i.dtype) for i in inputs], kernel

@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import launches
+
 REDUCTIONS = ("mean", "sum")
 BLOCK = 4096  # vocabulary columns per inner step: not yet measured (issue 7)
 
@@ -72,6 +74,8 @@ def linear_cross_entropy_forward(hidden: torch.Tensor, weight: torch.Tensor, tar
     one chunk's is its product, in weight's dtype, as eager's (an fp32 total would cost 3 bytes a weight more)."""
     rows, width = hidden.shape
     vocab = weight.shape[0]
+    if not launches(hidden):  # the planner's meta run: shapes only
+        return hidden.new_empty((), dtype=torch.float32), torch.empty_like(hidden), torch.empty_like(weight)
     chunk = chunk or chunk_rows(rows, width, vocab)
     valid = (targets != ignore_index).sum().item()
     scale = 1.0 / valid if reduction == "mean" and valid else 1.0 if reduction == "sum" else 0.0

@@ -5,6 +5,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import launches
+
 
 @triton.jit
 def _rmsnorm_fwd_kernel(x_ptr, weight_ptr, y_ptr, rstd_ptr, width, eps, BLOCK: tl.constexpr):
@@ -62,7 +64,7 @@ def rmsnorm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[
     rows = x.reshape(-1, width).contiguous()
     y = torch.empty(rows.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
     rstd = torch.empty(rows.shape[0], dtype=torch.float32, device=x.device)
-    if rows.shape[0]:
+    if launches(rows):
         _rmsnorm_fwd_kernel[(rows.shape[0],)](rows, weight.contiguous(), y, rstd, width, eps, **_launch(width))
     return y.view(x.shape), rstd
 
@@ -75,9 +77,11 @@ def rmsnorm_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
     grad_rows = grad_y.reshape(-1, width).contiguous()
     grad_x = torch.empty_like(rows)
     programs = _backward_programs(rows.shape[0], x.device)
-    partial = torch.empty(programs, width, dtype=torch.float32, device=x.device)
-    _rmsnorm_bwd_kernel[(programs,)](grad_rows, rows, weight.contiguous(), rstd, grad_x, partial, rows.shape[0], width,
-                                     ROWS_PER_PROGRAM=triton.cdiv(rows.shape[0], programs), **_launch(width))
+    partial = torch.zeros(programs, width, dtype=torch.float32, device=x.device)
+    if launches(rows):
+        _rmsnorm_bwd_kernel[(programs,)](grad_rows, rows, weight.contiguous(), rstd, grad_x, partial, rows.shape[0],
+                                         width, ROWS_PER_PROGRAM=triton.cdiv(rows.shape[0], programs),
+                                         **_launch(width))
     return grad_x.view(x.shape), partial.sum(0).to(weight.dtype)
 
 

@@ -7,6 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import launches
+
 
 @triton.jit
 def _rope_kernel(x_ptr, cos_ptr, sin_ptr, y_ptr, heads, tokens, x_batch_stride, x_head_stride, x_token_stride,
@@ -57,7 +59,7 @@ def rope_apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: b
         x = x.contiguous()
     cos, sin, table_batch_stride = _tables(cos, sin)
     y = torch.empty_like(x, dtype=dtype or torch.promote_types(x.dtype, cos.dtype))
-    if y.numel():
+    if launches(y):
         half = head_dim // 2
         block = triton.next_power_of_2(half)
         # The heads of one token are adjacent in the projection's layout: a tile of up to 4096 elements of them.

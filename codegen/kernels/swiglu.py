@@ -5,6 +5,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import launches
+
 BLOCK = 1024  # elements per program; an elementwise kernel: not yet measured (issue 7)
 
 
@@ -36,7 +38,7 @@ def _swiglu_bwd_kernel(grad_out_ptr, gate_ptr, up_ptr, grad_gate_ptr, grad_up_pt
 def swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     gate, up = gate.contiguous(), up.contiguous()
     out = torch.empty_like(gate)
-    if gate.numel():
+    if launches(gate):
         _swiglu_fwd_kernel[(triton.cdiv(gate.numel(), BLOCK),)](gate, up, out, gate.numel(), BLOCK=BLOCK)
     return out
 
@@ -44,7 +46,7 @@ def swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 def swiglu_backward(grad_out: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     grad_out, gate, up = grad_out.contiguous(), gate.contiguous(), up.contiguous()
     grad_gate, grad_up = torch.empty_like(gate), torch.empty_like(up)
-    if gate.numel():
+    if launches(gate):
         _swiglu_bwd_kernel[(triton.cdiv(gate.numel(), BLOCK),)](grad_out, gate, up, grad_gate, grad_up, gate.numel(),
                                                                 BLOCK=BLOCK)
     return grad_gate, grad_up
