@@ -232,6 +232,8 @@ def _build_stage(name, nodes, index, output_node, traced, groups):
         env[node.name] = graph.placeholder(_identifier(local))
     for value in inputs:
         env[value] = graph.placeholder(value)
+        if "val" in input_nodes[value].meta:  # the traced value (export's): its dtype tells the kernel patterns
+            env[value].meta["val"] = input_nodes[value].meta["val"]
     for node in nodes:
         env[node.name] = graph.node_copy(node, lambda n: env[n.name])
     graph.output(tuple(env[name] for name in outputs))
