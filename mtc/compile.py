@@ -8,6 +8,7 @@ import time
 
 import torch
 
+from mtc.codegen.patterns import kernels_pass
 from mtc.codegen.stream_plan import chrome_trace, lower
 from mtc.config import AdamW, format_bytes, parse_bytes
 from mtc.passes.costs import Costs, SymbolicCosts, costs_pass, reshaped, symbolic_costs
@@ -24,7 +25,7 @@ from mtc.runtime.store import FIXED_HOST_BYTES, HostMemoryError, StateStore, pla
 def compile(model: torch.nn.Module, gpu_mem="80GB", example=None, optimizer: AdamW | None = None,
             clip_grad_norm: float | None = None, device=None, compute_dtype: torch.dtype | None = None,
             init=None, cpu_threads: int | None = None, progress: bool = True, profile=None,
-            schedule: str = "solve") -> "Step":
+            schedule: str = "solve", kernels=()) -> "Step":
     """Plan and build a streamed training step for `model`, called exactly as `example` calls it.
 
     A model built on the meta device is initialised block by block straight into the host store:
@@ -34,6 +35,8 @@ def compile(model: torch.nn.Module, gpu_mem="80GB", example=None, optimizer: Ada
     profile: the hardware the plan is simulated on: a HardwareProfile, a shipped name ("h100", "h200",
     "a100", "rtx4090", "cpu") or a saved profile's path (default: what `mtc probe` saved for this device,
     else the shipped profile for its name).
+    kernels: Triton kernels in place of the block patterns they replace: "all" or some of "rmsnorm",
+    "swiglu" (default: none yet; the plan's "kernels:" line says what went in where).
     """
     device = _device(device)
     optimizer = optimizer if optimizer is not None else AdamW()
@@ -46,9 +49,9 @@ def compile(model: torch.nn.Module, gpu_mem="80GB", example=None, optimizer: Ada
     if init is not None and not callable(init):
         raise TypeError(f"init={init!r} is not callable; expected None or a function init(module)")
     settings = dict(model=model, example=example, optimizer=optimizer, clip_grad_norm=clip_grad_norm, device=device,
-                    compute_dtype=compute_dtype, cpu_threads=cpu_threads, profile=profile)
+                    compute_dtype=compute_dtype, cpu_threads=cpu_threads, profile=profile, kernels=kernels)
     planned = plan(model, gpu_mem, example, clip=clip_grad_norm is not None, device=device,
-                   compute_dtype=compute_dtype, profile=profile, schedule=schedule)
+                   compute_dtype=compute_dtype, profile=profile, schedule=schedule, kernels=kernels)
     store = StateStore([s.params for s in planned.partition.stages], planned.partition.shared_params,
                        planned.params, planned.buffers, planned.compute_dtype, device, model=model, init=init,
                        progress=progress, resident=planned.plan.schedule.resident)
@@ -92,7 +95,7 @@ SCHEDULES = ("solve", "spine")
 
 
 def plan(model, gpu_mem="80GB", example=None, clip: bool = False, device=None, compute_dtype=None,
-         profile=None, host_mem=None, schedule: str = "solve") -> Planned:
+         profile=None, host_mem=None, schedule: str = "solve", kernels=()) -> Planned:
     """Run the planning passes only: nothing is allocated, so a meta-device model plans for free.
 
     host_mem: host RAM to plan for (default: the profile's); a plan whose store would not fit is refused.
@@ -113,9 +116,11 @@ def plan(model, gpu_mem="80GB", example=None, clip: bool = False, device=None, c
         timings[name] = time.perf_counter() - start
         return result
 
-    # trace -> partition -> costs -> schedule -> lower -> validate; each consumes the one before.
+    # trace -> partition -> kernels -> costs -> schedule -> lower -> validate; each consumes the one before
+    # (the kernels go in before the costs, which must see what the blocks will run).
     traced = timed("trace", trace_pass, model, args, kwargs, compute_dtype)
     partition = timed("partition", partition_pass, traced)
+    kernels_used = timed("kernels", kernels_pass, partition, kernels)
     params = dict(model.named_parameters())
     buffers = {**dict(model.named_buffers()), **traced.constants}
     inputs = traced.flatten_inputs(args, kwargs)
@@ -144,7 +149,7 @@ def plan(model, gpu_mem="80GB", example=None, clip: bool = False, device=None, c
               "compute_dtype": str(compute_dtype).replace("torch.", ""), "chain": partition.chain,
               "profile": profile.to_json(), "passes": timings, "host_bytes": host_bytes, "host_mem": host_mem,
               "not_chunkable": {s.name: r.why_not for s, r in zip(partition.stages, costs.row_axes) if r.why_not},
-              "inputs": [_describe(v) for v in inputs]}
+              "inputs": [_describe(v) for v in inputs], "kernels": kernels_used}
     planned = Planned(plan=Plan(header, templates, stream_plan), traced=traced, partition=partition, costs=costs,
                       params=params, buffers=buffers, compute_dtype=compute_dtype, device=device, inputs=inputs,
                       input_specs=[_describe(v) for v in inputs], input_names=list(partition.graph_inputs))
@@ -195,7 +200,8 @@ class Step:
                     "profile": profile if profile is not None else self._settings["profile"]}
         planned = plan(settings["model"], gpu_mem if gpu_mem is not None else self.plan.schedule.gpu_mem,
                        settings["example"], clip=settings["clip_grad_norm"] is not None, device=settings["device"],
-                       compute_dtype=settings["compute_dtype"], profile=settings["profile"], schedule=schedule)
+                       compute_dtype=settings["compute_dtype"], profile=settings["profile"], schedule=schedule,
+                       kernels=settings["kernels"])
         if [s.params for s in planned.partition.stages] != [s.params for s in self._planned.partition.stages]:
             raise ValueError("the new example partitions the model differently; compile it again instead")
         self._engine = None  # its device buffers go before the new plan's are made

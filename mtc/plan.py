@@ -67,6 +67,11 @@ class Plan:
             f"gpu_mem {format_bytes(schedule.gpu_mem)}",
             "passes: " + ", ".join(f"{name} {seconds * 1e3:.0f} ms" for name, seconds in h["passes"].items()),
             f"{params:,} parameters in {len(schedule.stages)} stages; blocks: {h['chain']}",
+        ]
+        if h.get("kernels"):  # what the kernel patterns replaced, when kernels= asked for them
+            lines.append("kernels: " + "; ".join(f"{template} " + ", ".join(f"{name} x{n}" for name, n in used.items())
+                                                 for template, used in h["kernels"].items()))
+        lines += [
             stage_table(stages, self.stream_plan, profile),
         ]
         lines += [

@@ -1,0 +1,182 @@
+"""The block patterns the Triton kernels replace, found by structure in a template's fx graph (torch.fx's
+and torch.export's spellings both) and each replaced by one call; everything unmatched stays as it was.
+
+A call runs its kernel on a GPU (or on the CPU in Triton's interpreter, TRITON_INTERPRET=1) and the eager
+spelling anywhere else, so a graph with kernels still runs where the plan's costs are traced (meta) and
+on a CPU without the interpreter."""
+import operator
+import os
+
+import torch
+from torch import fx
+
+KERNELS = ("rmsnorm", "swiglu")
+
+
+def _kernels_run_on(tensor: torch.Tensor) -> bool:
+    return tensor.is_cuda or tensor.is_meta or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    from .kernels import rmsnorm as kernel
+
+    if _kernels_run_on(x) and weight.dim() == 1 and weight.shape[0] == x.shape[-1]:
+        return kernel.rmsnorm(x, weight, eps)
+    return kernel.rmsnorm_reference(x, weight, eps)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    from .kernels import swiglu as kernel
+
+    if _kernels_run_on(gate) and gate.shape == up.shape and gate.dtype == up.dtype:
+        return kernel.swiglu(gate, up)
+    return kernel.swiglu_reference(gate, up)
+
+
+_CALLS = {"rmsnorm": rmsnorm, "swiglu": swiglu}
+_FUNCTIONS = {operator.mul: "mul", torch.mul: "mul", operator.add: "add", torch.add: "add", torch.rsqrt: "rsqrt",
+              torch.nn.functional.silu: "silu"}
+
+
+def _op(node) -> str | None:
+    """A node's operation by name, whichever tracer wrote it (operator.mul, Tensor.mul, aten.mul.Tensor)."""
+    if not isinstance(node, fx.Node):
+        return None
+    if node.op == "call_method":
+        return node.target
+    if node.op == "call_function":
+        if isinstance(node.target, torch._ops.OpOverload):
+            return node.target.overloadpacket.__name__
+        return _FUNCTIONS.get(node.target)
+    return None
+
+
+def _cast_to(node) -> torch.dtype | None:
+    """The dtype `node` casts to, if it is a dtype cast (x.float(), x.to(dtype), aten.to.dtype/_to_copy)."""
+    if _op(node) == "float":
+        return torch.float32
+    if _op(node) in ("to", "_to_copy"):
+        dtype = node.kwargs.get("dtype", node.args[1] if len(node.args) > 1 else None)
+        return dtype if isinstance(dtype, torch.dtype) else None
+    return None
+
+
+def _dtype(node) -> torch.dtype | None:
+    value = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return value.dtype if isinstance(value, torch.Tensor) else None
+
+
+def _other(node: fx.Node, first):
+    """A binary node's two arguments as (the one `first` picks, the other), or None."""
+    a, b = node.args[:2]
+    return (a, b) if first(a) else (b, a) if first(b) else None
+
+
+def _match_rmsnorm(out: fx.Node, weights: set) -> tuple | None:
+    """(x, weight, eps) if out = weight · cast_back(xf · rsqrt(mean(xf², -1, keepdim) + eps)), xf = x in
+    fp32, the cast back to x's dtype (type_as(·, x), a cast to its dtype, or none when x is fp32)."""
+    if _op(out) != "mul" or len(out.args) != 2:
+        return None
+    picked = _other(out, lambda a: a in weights)
+    if picked is None:
+        return None
+    weight, normed = picked
+    back_to = None
+    if _op(normed) == "type_as":
+        normed, back_to = normed.args
+    elif _cast_to(normed) is not None:
+        normed, back_to = normed.args[0], _cast_to(normed)
+    if _op(normed) != "mul":
+        return None
+    picked = _other(normed, lambda a: _op(a) == "rsqrt")
+    if picked is None:
+        return None
+    rsqrt, xf = picked
+    added = rsqrt.args[0]
+    if _op(added) != "add" or not isinstance(added.args[1], float):
+        return None
+    mean, eps = added.args
+    dims = mean.args[1] if len(mean.args) > 1 else mean.kwargs.get("dim")
+    keepdim = mean.args[2] if len(mean.args) > 2 else mean.kwargs.get("keepdim", False)
+    if _op(mean) != "mean" or dims not in (-1, [-1], (-1,)) or keepdim is not True:
+        return None
+    squared = mean.args[0]
+    if _op(squared) != "pow" or squared.args[0] is not xf or squared.args[1] != 2:
+        return None
+    x = xf.args[0] if _cast_to(xf) == torch.float32 else xf
+    # The kernel rounds the normalised row to x's dtype: the graph must cast back to exactly that.
+    if isinstance(back_to, fx.Node):
+        same = back_to is x
+    elif back_to is not None:
+        same = back_to == _dtype(x)
+    else:
+        same = x is xf  # no cast at all: x is already fp32
+    return (x, weight, eps) if same else None
+
+
+def _match_swiglu(out: fx.Node, weights: set) -> tuple | None:
+    """(gate, up) if out = silu(gate) · up."""
+    if _op(out) != "mul" or len(out.args) != 2:
+        return None
+    picked = _other(out, lambda a: _op(a) == "silu" and not a.kwargs.get("inplace", False))
+    if picked is None or not isinstance(picked[1], fx.Node):
+        return None
+    activation, up = picked
+    return activation.args[0], up
+
+
+_MATCHERS = {"rmsnorm": _match_rmsnorm, "swiglu": _match_swiglu}
+
+
+def kernel_names(kernels) -> tuple[str, ...]:
+    """The `kernels=` option as names: "all", or some of KERNELS (an empty one: none)."""
+    names = KERNELS if kernels == "all" else (kernels,) if isinstance(kernels, str) else tuple(kernels)
+    unknown = [k for k in names if k not in KERNELS]
+    if unknown:
+        raise ValueError(f"kernels={kernels!r} is not valid: {unknown} unknown; expected \"all\" or some of {KERNELS}")
+    return names
+
+
+def kernels_pass(partition, kernels) -> dict[str, dict[str, int]]:
+    """Every template's graph with the named kernels in place of their patterns; per template, how many of
+    each went in (templates with none are left out)."""
+    names = kernel_names(kernels)
+    used = {}
+    for template in {id(stage.template): stage.template for stage in partition.stages}.values():
+        counts = apply_kernels(template.graph, len(template.weight_names), names)
+        if counts:
+            used[template.name] = counts
+    return used
+
+
+def apply_kernels(graph: fx.Graph, weight_count: int, kernels=KERNELS) -> dict[str, int]:
+    """Replace in `graph` (its first `weight_count` placeholders are weights) every match of the named
+    kernels by one call; returns how many of each were replaced."""
+    weights = set([n for n in graph.nodes if n.op == "placeholder"][:weight_count])
+    replaced = {}
+    for name in kernels:
+        for node in list(graph.nodes):
+            match = _MATCHERS[name](node, weights)
+            if match is None:
+                continue
+            with graph.inserting_before(node):
+                call = graph.call_function(_CALLS[name], match)
+            call.meta.update({k: v for k, v in node.meta.items() if k in ("val", "nn_module_stack")})
+            node.replace_all_uses_with(call)
+            graph.erase_node(node)
+            replaced[name] = replaced.get(name, 0) + 1
+    _erase_unused(graph)
+    graph.lint()
+    return replaced
+
+
+_PURE = {"mul", "add", "rsqrt", "mean", "pow", "float", "to", "_to_copy", "type_as", "silu"}
+"""The operations the patterns are made of: none changes its inputs, so one nobody reads can go."""
+
+
+def _erase_unused(graph: fx.Graph) -> None:
+    """The matched patterns' insides, now unread (not graph-wide dead code elimination: an in-place method
+    call whose result is unused is not dead)."""
+    for node in reversed(list(graph.nodes)):
+        if not node.users and node.op in ("call_function", "call_method") and _op(node) in _PURE:
+            graph.erase_node(node)
