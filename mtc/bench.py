@@ -48,7 +48,7 @@ GB = 1e9
 
 def run(preset: str, batch: tuple[int, int], gpu_mem: str = "80GB", steps: int = 5, warmup: int = 2,
         clip: float | None = 1.0, vs: tuple[str, ...] = (), trace_path: str | None = None,
-        cpu_threads: int | None = None, peer_timeout_s: float | None = None, progress=None) -> dict:
+        cpu_threads: int | None = None, peer_timeout_s: float | None = None, progress=None, kernels=()) -> dict:
     """mtc on `preset` at `batch`, then each baseline named in `vs` (mtc.examples.baselines.BASELINES) in a
     process of its own, once this process has let go of mtc's host and device memory; one that runs past
     peer_timeout_s is stopped and reported failed. progress(result, name) is called as each system's
@@ -60,7 +60,8 @@ def run(preset: str, batch: tuple[int, int], gpu_mem: str = "80GB", steps: int =
     tokens = sequences * seq
     inputs = models.random_batches(preset, batch, 2, device)
     result = {"preset": preset, "batch": f"{sequences}x{seq}", "tokens_per_step": tokens, "gpu_mem": gpu_mem,
-              "clip": clip, "device": torch.cuda.get_device_name(device), "torch": torch.__version__,
+              "clip": clip, "kernels": kernels, "device": torch.cuda.get_device_name(device),
+              "torch": torch.__version__,
               "date": time.strftime("%Y-%m-%d"), "ceilings": _ceilings(device)}
 
     # Hold the run to gpu_mem: past it the caching allocator frees its cache and retries, and fails
@@ -72,7 +73,7 @@ def run(preset: str, batch: tuple[int, int], gpu_mem: str = "80GB", steps: int =
     model = models.build(preset, device="meta")
     params = models.parameter_count(model)
     step = mtc.compile(model, gpu_mem=gpu_mem, example=inputs[0], clip_grad_norm=clip, device=device,
-                       init=models.init_weights, cpu_threads=cpu_threads, optimizer=HYPERPARAMETERS)
+                       init=models.init_weights, cpu_threads=cpu_threads, optimizer=HYPERPARAMETERS, kernels=kernels)
     store = step._store
     mine = {"params": params, "compile_s": time.perf_counter() - started, "slots": step.plan.schedule.slots,
             "planned_peak_bytes": step.plan.schedule.peak_bytes, "predicted_step_s": step.plan.predicted_step_seconds(),

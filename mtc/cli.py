@@ -127,12 +127,26 @@ def _model_arguments(parser, batch: str, gpu_mem: str, preset: str = "tiny"):
     parser.add_argument("--clip", type=float, default=1.0,
                         help="clip gradients to this global norm (default 1.0; 0: off)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    parser.add_argument("--kernels", default="", type=_kernels,
+                        help="Triton kernels in place of the patterns they replace: all, or some of "
+                             "rmsnorm,swiglu (default: none)")
 
 
 def _model_directory_argument(parser) -> None:
     parser.add_argument("--model", default=None, metavar="DIR|PRESET",
                         help="a Hugging Face model directory (its config.json; the weights too, to train) or a "
                              "preset, as --preset")
+
+
+def _kernels(text: str) -> str | tuple[str, ...]:
+    from mtc.codegen.patterns import kernel_names
+
+    value = "all" if text == "all" else tuple(k for k in text.split(",") if k)
+    try:
+        kernel_names(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"--kernels={text!r}: {str(error).split(': ', 1)[1]}") from None
+    return value
 
 
 def _batch(text: str) -> tuple[int, int]:
@@ -178,7 +192,7 @@ def _train(args) -> int:
     else:
         example = next(stream)
         stream = itertools.chain([example], stream)
-        step = source.compile(gpu_mem=args.gpu_mem, example=example, device=args.device,
+        step = source.compile(gpu_mem=args.gpu_mem, example=example, device=args.device, kernels=args.kernels,
                               optimizer=mtc.AdamW(lr=args.lr, weight_decay=args.weight_decay),
                               clip_grad_norm=args.clip or None)
     print(step.plan.summary())
@@ -293,7 +307,7 @@ def _plan(args) -> int:
     def plan_for(tokens: int):
         ids = torch.empty(batch, tokens, dtype=torch.long, device="meta")
         return mtc.plan(model, gpu_mem, {"input_ids": ids, "labels": ids}, clip=bool(args.clip), device=device,
-                        profile=args.profile, host_mem=host_mem)
+                        profile=args.profile, host_mem=host_mem, kernels=args.kernels)
 
     if args.max_seq:
         seq, base = _longest_sequence(plan_for, batch, gpu_mem, bool(args.clip), args.max_seq)
@@ -428,7 +442,7 @@ def _bench(args) -> int:
         result = bench.run(args.preset, _batch(args.batch), gpu_mem=args.gpu_mem, steps=args.steps,
                            warmup=args.warmup, clip=args.clip or None, vs=_baselines(args.vs),
                            trace_path=args.trace, cpu_threads=args.cpu_threads, peer_timeout_s=args.peer_timeout,
-                           progress=progress)
+                           progress=progress, kernels=args.kernels)
     finally:
         signal.signal(signal.SIGTERM, previous)
     print(bench.table(result))
