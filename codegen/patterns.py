@@ -10,7 +10,7 @@ import os
 import torch
 from torch import fx
 
-KERNELS = ("rmsnorm", "swiglu")
+KERNELS = ("rmsnorm", "swiglu", "rope")
 
 
 def _kernels_run_on(tensor: torch.Tensor) -> bool:
@@ -33,9 +33,21 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return kernel.swiglu_reference(gate, up)
 
 
-_CALLS = {"rmsnorm": rmsnorm, "swiglu": swiglu}
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    from .kernels import rope as kernel
+
+    tokens, head_dim = x.shape[-2:] if x.dim() == 4 else (None, None)
+    tables = cos.shape == sin.shape and cos.shape[-2:] == (tokens, head_dim) and (
+        cos.dim() in (2, 3) or (cos.dim() == 4 and cos.shape[1] == 1))
+    if _kernels_run_on(x) and tables and head_dim % 2 == 0 and not (cos.requires_grad or sin.requires_grad):
+        return kernel.rope(x, cos, sin)
+    return kernel.rope_reference(x, cos, sin)
+
+
+_CALLS = {"rmsnorm": rmsnorm, "swiglu": swiglu, "rope": rope}
 _FUNCTIONS = {operator.mul: "mul", torch.mul: "mul", operator.add: "add", torch.add: "add", torch.rsqrt: "rsqrt",
-              torch.nn.functional.silu: "silu"}
+              torch.nn.functional.silu: "silu", operator.getitem: "getitem", operator.neg: "neg", torch.neg: "neg",
+              torch.cat: "cat"}
 
 
 def _op(node) -> str | None:
@@ -125,7 +137,49 @@ def _match_swiglu(out: fx.Node, weights: set) -> tuple | None:
     return activation.args[0], up
 
 
-_MATCHERS = {"rmsnorm": _match_rmsnorm, "swiglu": _match_swiglu}
+def _halves(first, second) -> fx.Node | None:
+    """x if `first` and `second` are x's two halves along its last dimension (x.chunk(2, -1) or slices)."""
+    if _op(first) == "getitem" or _op(second) == "getitem":
+        chunk = first.args[0] if _op(first) == "getitem" else None
+        if chunk is None or _op(second) != "getitem" or second.args[0] is not chunk or _op(chunk) != "chunk":
+            return None
+        dim = chunk.args[2] if len(chunk.args) > 2 else chunk.kwargs.get("dim", 0)
+        if chunk.args[1] != 2 or dim != -1 or (first.args[1], second.args[1]) != (0, 1):
+            return None
+        return chunk.args[0]
+    if _op(first) != "slice" or _op(second) != "slice" or first.args[0] is not second.args[0]:
+        return None
+    x = first.args[0]
+    value = x.meta.get("val")
+    if not isinstance(value, torch.Tensor) or value.shape[-1] % 2:
+        return None
+    half, last = value.shape[-1] // 2, value.dim() - 1
+    return x if (first.args[1:4] == (last, 0, half) and second.args[1] == last and second.args[2] == half
+                 and second.args[3] >= 2 * half) else None
+
+
+def _match_rope(out: fx.Node, weights: set) -> tuple | None:
+    """(x, cos, sin) if out = x·cos + cat(-x₂, x₁)·sin, x₁ and x₂ the halves of x's last dimension."""
+    if _op(out) != "add" or len(out.args) != 2 or not all(_op(a) == "mul" for a in out.args):
+        return None
+    for straight, rotated in (out.args, out.args[::-1]):
+        picked = _other(rotated, lambda a: _op(a) == "cat")
+        if picked is None:
+            continue
+        cat, sin = picked
+        pieces, dim = cat.args[0], cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
+        if len(pieces) != 2 or dim != -1 or _op(pieces[0]) != "neg":
+            continue
+        x = _halves(pieces[1], pieces[0].args[0])
+        if x is None or x not in straight.args[:2]:
+            continue
+        cos = straight.args[1] if straight.args[0] is x else straight.args[0]
+        if isinstance(cos, fx.Node) and isinstance(sin, fx.Node):
+            return x, cos, sin
+    return None
+
+
+_MATCHERS = {"rmsnorm": _match_rmsnorm, "swiglu": _match_swiglu, "rope": _match_rope}
 
 
 def kernel_names(kernels) -> tuple[str, ...]:
@@ -170,7 +224,8 @@ def apply_kernels(graph: fx.Graph, weight_count: int, kernels=KERNELS) -> dict[s
     return replaced
 
 
-_PURE = {"mul", "add", "rsqrt", "mean", "pow", "float", "to", "_to_copy", "type_as", "silu"}
+_PURE = {"mul", "add", "rsqrt", "mean", "pow", "float", "to", "_to_copy", "type_as", "silu", "getitem", "neg", "cat",
+         "chunk", "slice"}
 """The operations the patterns are made of: none changes its inputs, so one nobody reads can go."""
 
 

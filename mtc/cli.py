@@ -129,7 +129,7 @@ def _model_arguments(parser, batch: str, gpu_mem: str, preset: str = "tiny"):
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     parser.add_argument("--kernels", default="", type=_kernels,
                         help="Triton kernels in place of the patterns they replace: all, or some of "
-                             "rmsnorm,swiglu (default: none)")
+                             "rmsnorm,swiglu,rope (default: none)")
 
 
 def _model_directory_argument(parser) -> None:

@@ -36,7 +36,7 @@ def compile(model: torch.nn.Module, gpu_mem="80GB", example=None, optimizer: Ada
     "a100", "rtx4090", "cpu") or a saved profile's path (default: what `mtc probe` saved for this device,
     else the shipped profile for its name).
     kernels: Triton kernels in place of the block patterns they replace: "all" or some of "rmsnorm",
-    "swiglu" (default: none yet; the plan's "kernels:" line says what went in where).
+    "swiglu", "rope" (default: none yet; the plan's "kernels:" line says what went in where).
     """
     device = _device(device)
     optimizer = optimizer if optimizer is not None else AdamW()

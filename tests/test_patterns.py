@@ -26,25 +26,26 @@ def _kernels_line(planned) -> str | None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_both_spellings_are_found_in_every_block(dtype):
     planned = mtc.plan(llama(), "3.5MB", tokens(), device="cpu", compute_dtype=dtype, kernels="all")
-    assert _kernels_line(planned) == "kernels: LlamaBlock rmsnorm x2, swiglu x1; epilogue rmsnorm x1"
+    assert _kernels_line(planned) == "kernels: LlamaBlock rmsnorm x2, swiglu x1, rope x2; epilogue rmsnorm x1"
     ids = torch.randint(0, 256, (2, 16))
     planned = mtc.plan(_hf_llama(), "2MB", {"input_ids": ids, "labels": ids}, device="cpu", compute_dtype=dtype,
                        kernels="all")
     assert planned.traced.tracer == "export"
-    assert _kernels_line(planned) == "kernels: LlamaDecoderLayer rmsnorm x2, swiglu x1; epilogue rmsnorm x1"
+    assert _kernels_line(planned) == "kernels: LlamaDecoderLayer rmsnorm x2, swiglu x1, rope x2; epilogue rmsnorm x1"
 
 
 def test_kernels_are_chosen_by_name_and_other_spellings_are_left_alone():
     planned = mtc.plan(llama(), "3.5MB", tokens(), device="cpu", kernels=["swiglu"])
     assert _kernels_line(planned) == "kernels: LlamaBlock swiglu x1"
     assert _kernels_line(mtc.plan(llama(), "3.5MB", tokens(), device="cpu")) is None  # none asked for
-    # Gemma's norm multiplies by (1 + weight) and its MLP gates with GELU: neither is a kernel's pattern.
+    # Gemma's norm multiplies by (1 + weight) and its MLP gates with GELU: neither is a kernel's pattern (its
+    # rotary embedding is Llama's).
     ids = torch.randint(0, 256, (2, 16))
     gemma = transformers.AutoModelForCausalLM.from_config(transformers.GemmaConfig(
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         vocab_size=256, head_dim=16))
     planned = mtc.plan(gemma, "2MB", {"input_ids": ids, "labels": ids}, device="cpu", kernels="all")
-    assert _kernels_line(planned) is None
+    assert _kernels_line(planned) == "kernels: GemmaDecoderLayer rope x2"
     with pytest.raises(ValueError, match=r"kernels=\['rope2'\] is not valid: \['rope2'\] unknown"):
         mtc.plan(llama(), "3.5MB", tokens(), device="cpu", kernels=["rope2"])
 
@@ -59,5 +60,25 @@ def test_training_with_kernels_is_eager_training():
     hp = mtc.AdamW(lr=1e-2, betas=(0.9, 0.95), eps=1e-2, weight_decay=0.1)
     torch.manual_seed(0)
     step, reference, losses, reference_losses = run_both(llama(), "3.5MB", clip=1.0, hp=hp, kernels="all")
-    assert "rmsnorm x2, swiglu x1" in _kernels_line(step._planned)
+    assert "rmsnorm x2, swiglu x1, rope x2" in _kernels_line(step._planned)
     assert_same_training(step, reference, losses, reference_losses)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+                    reason="the kernels run on a GPU or in Triton's interpreter")
+def test_a_hugging_face_model_trains_the_same_with_kernels():
+    # torch.export's spelling, and rotary tables of (batch, 1, tokens, head_dim); the same AdamW as above.
+    import copy
+
+    hp = mtc.AdamW(lr=1e-2, betas=(0.9, 0.95), eps=1e-2, weight_decay=0.1)
+    model = _hf_llama()
+    generator = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, 256, (2, 16), generator=generator) for _ in range(3)]
+    steps = [mtc.compile(copy.deepcopy(model), "2MB", {"input_ids": batches[0], "labels": batches[0]}, optimizer=hp,
+                         clip_grad_norm=1.0, device="cpu", progress=False, kernels=kernels) for kernels in ((), "all")]
+    assert "rope x2" in _kernels_line(steps[1]._planned)
+    losses = [[step(input_ids=ids, labels=ids).item() for ids in batches] for step in steps]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    plain, fast = (dict(step.named_parameters()) for step in steps)
+    for name, value in plain.items():
+        assert float((fast[name] - value).abs().max() / value.abs().max()) <= 1e-5, name
