@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import gc
+import importlib
+import inspect
 import json
 import os
 import time
@@ -159,7 +161,8 @@ def plan(model, gpu_mem="80GB", example=None, clip: bool = False, device=None, c
 
 
 def write_debug_directory(planned: Planned, profile) -> str:
-    """One file per stage of the pipeline, under $MTC_DEBUG_DIR (default ./mtc_debug/<model>-<time>)."""
+    """One file per stage of the pipeline, and kernels/<name>.py for each kernel the blocks call, under
+    $MTC_DEBUG_DIR (default ./mtc_debug/<model>-<time>)."""
     root = os.environ.get("MTC_DEBUG_DIR") or os.path.join(
         "mtc_debug", f"{planned.plan.header['model']}-{time.strftime('%Y%m%d-%H%M%S')}")
     os.makedirs(root, exist_ok=True)
@@ -171,7 +174,11 @@ def write_debug_directory(planned: Planned, profile) -> str:
         "stream_plan.txt": str(planned.plan.stream_plan),
         "timeline.json": json.dumps(chrome_trace(planned.plan.stream_plan, profile)),
     }
+    # The kernels the blocks call (their calls are in blocks.txt), as the source that runs.
+    for kernel in sorted({name for used in planned.plan.header["kernels"].values() for name in used}):
+        files[f"kernels/{kernel}.py"] = inspect.getsource(importlib.import_module(f"mtc.codegen.kernels.{kernel}"))
     for name, text in files.items():
+        os.makedirs(os.path.dirname(os.path.join(root, name)), exist_ok=True)
         with open(os.path.join(root, name), "w") as f:
             f.write(text)
     print(f"mtc: wrote {', '.join(files)} to {root}")

@@ -82,3 +82,16 @@ def test_a_hugging_face_model_trains_the_same_with_kernels():
     plain, fast = (dict(step.named_parameters()) for step in steps)
     for name, value in plain.items():
         assert float((fast[name] - value).abs().max() / value.abs().max()) <= 1e-5, name
+
+
+def test_the_debug_directory_holds_the_kernels_the_blocks_call(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MTC_DEBUG", "1")
+    monkeypatch.setenv("MTC_DEBUG_DIR", str(tmp_path / "on"))
+    mtc.plan(llama(), "3.5MB", tokens(), device="cpu", kernels=["rmsnorm", "rope"])
+    assert sorted(p.name for p in (tmp_path / "on" / "kernels").iterdir()) == ["rmsnorm.py", "rope.py"]
+    assert "def _rmsnorm_fwd_kernel" in (tmp_path / "on" / "kernels" / "rmsnorm.py").read_text()
+    blocks = (tmp_path / "on" / "blocks.txt").read_text()
+    assert "mtc_codegen_patterns_rmsnorm(embedding, norm1_weight" in blocks and "swiglu" not in blocks
+    monkeypatch.setenv("MTC_DEBUG_DIR", str(tmp_path / "off"))
+    mtc.plan(llama(), "3.5MB", tokens(), device="cpu")
+    assert (tmp_path / "off" / "schedule.txt").exists() and not (tmp_path / "off" / "kernels").exists()
