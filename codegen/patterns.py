@@ -13,6 +13,9 @@ from torch import fx
 KERNELS = ("rmsnorm", "swiglu", "rope")
 
 
+# The calls import their kernels on use: triton is there on Linux only, and mtc plans anywhere.
+
+
 def _kernels_run_on(tensor: torch.Tensor) -> bool:
     return tensor.is_cuda or tensor.is_meta or os.environ.get("TRITON_INTERPRET") == "1"
 

@@ -177,7 +177,7 @@ def _why_not(name: str, figures: dict) -> str | None:
 
 def sweep(preset: str, batches: list[tuple[int, int]], budgets: list[str], schedules=("solve", "spine"),
           steps: int = 4, warmup: int = 1, clip: float | None = None, cpu_threads: int | None = None,
-          progress=print, calibrate: bool = True) -> dict:
+          progress=print, calibrate: bool = True, kernels=()) -> dict:
     """Measured against predicted, for every batch x gpu_mem x schedule, on one state store (built once;
     each row replans it). Each row is held to its gpu_mem like run().
 
@@ -197,7 +197,7 @@ def sweep(preset: str, batches: list[tuple[int, int]], budgets: list[str], sched
         torch.cuda.set_per_process_memory_fraction(min(1.0, parse_bytes(largest, "gpu_mem") / total), device)
         step = mtc.compile(model, gpu_mem=largest, example=calibration_inputs[0], clip_grad_norm=clip, device=device,
                            init=models.init_weights, cpu_threads=cpu_threads, optimizer=mtc.AdamW(lr=1e-4),
-                           schedule="spine")
+                           schedule="spine", kernels=kernels)
         profile, calibration = probe.calibrate(step, calibration_inputs, warmup)
         progress(calibration)
     for sequences, seq in batches:
@@ -205,13 +205,13 @@ def sweep(preset: str, batches: list[tuple[int, int]], budgets: list[str], sched
         for gpu_mem in budgets:
             for schedule in schedules:
                 row = {"preset": preset, "batch": f"{sequences}x{seq}", "gpu_mem": gpu_mem, "schedule": schedule,
-                       "clip": clip}
+                       "clip": clip, "kernels": kernels}
                 torch.cuda.set_per_process_memory_fraction(min(1.0, parse_bytes(gpu_mem, "gpu_mem") / total), device)
                 try:
                     if step is None:
                         step = mtc.compile(model, gpu_mem=gpu_mem, example=inputs[0], clip_grad_norm=clip,
                                            device=device, init=models.init_weights, cpu_threads=cpu_threads,
-                                           optimizer=mtc.AdamW(lr=1e-4), schedule=schedule)
+                                           optimizer=mtc.AdamW(lr=1e-4), schedule=schedule, kernels=kernels)
                     else:
                         step = step.replan(gpu_mem=gpu_mem, example=inputs[0], schedule=schedule, profile=profile)
                 except MemoryBudgetError as error:

@@ -180,7 +180,7 @@ def _train(args) -> int:
     if args.resume:
         # The first batch only shows the shapes; the checkpoint says how many the run had read.
         step = mtc.load(checkpoint, source.meta_model(), gpu_mem=args.gpu_mem, example=next(stream),
-                        device=args.device)
+                        device=args.device, kernels=args.kernels)
         saved = {k: v for k, v in step.data_position.items() if k != "batches"}
         if saved != data_order:
             raise ValueError(f"--resume: the checkpoint in {checkpoint} read its data as {saved}, not as "
@@ -476,7 +476,7 @@ def _bench_sweep(args, bench) -> int:
     result = bench.sweep(args.preset, [_batch(b) for b in args.batch.split(",")], budgets, schedules,
                          steps=args.steps, warmup=args.warmup, clip=args.clip or None,
                          cpu_threads=args.cpu_threads, progress=lambda row: print(json.dumps(row), flush=True),
-                         calibrate=not args.no_calibrate)
+                         calibrate=not args.no_calibrate, kernels=args.kernels)
     print(bench.sweep_table(result["rows"]))
     if args.json:
         with open(args.json, "w") as f:
