@@ -10,7 +10,7 @@ import os
 import torch
 from torch import fx
 
-KERNELS = ("rmsnorm", "swiglu", "rope")
+KERNELS = ("rmsnorm", "swiglu", "rope", "linear_cross_entropy")
 
 
 # The calls import their kernels on use: triton is there on Linux only, and mtc plans anywhere.
@@ -47,10 +47,31 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return kernel.rope_reference(x, cos, sin)
 
 
-_CALLS = {"rmsnorm": rmsnorm, "swiglu": swiglu, "rope": rope}
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+                         reduction: str) -> torch.Tensor:
+    from .kernels import linear_cross_entropy as kernel
+
+    hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    if _kernels_run_on(hidden) and weight.dim() == 2 and hidden.dtype == weight.dtype:
+        return kernel.linear_cross_entropy(hidden, weight, targets, ignore_index, reduction)
+    return kernel.linear_cross_entropy_reference(hidden, weight, targets, ignore_index, reduction)
+
+
+def _loss_working_bytes(hidden, weight, targets, ignore_index, reduction) -> tuple[int, int]:
+    from .kernels import linear_cross_entropy as kernel
+
+    return kernel.working_bytes(hidden, weight)
+
+
+linear_cross_entropy.working_bytes = _loss_working_bytes
+"""What the call holds for the backward and allocates while it runs, which the graph does not show: the
+planner adds it (passes/costs)."""
+
+_CALLS = {"rmsnorm": rmsnorm, "swiglu": swiglu, "rope": rope, "linear_cross_entropy": linear_cross_entropy}
 _FUNCTIONS = {operator.mul: "mul", torch.mul: "mul", operator.add: "add", torch.add: "add", torch.rsqrt: "rsqrt",
               torch.nn.functional.silu: "silu", operator.getitem: "getitem", operator.neg: "neg", torch.neg: "neg",
-              torch.cat: "cat"}
+              torch.cat: "cat", torch.nn.functional.linear: "linear", torch._C._nn.linear: "linear",
+              torch.nn.functional.cross_entropy: "cross_entropy", getattr: "getattr"}
 
 
 def _op(node) -> str | None:
@@ -182,7 +203,64 @@ def _match_rope(out: fx.Node, weights: set) -> tuple | None:
     return None
 
 
-_MATCHERS = {"rmsnorm": _match_rmsnorm, "swiglu": _match_swiglu, "rope": _match_rope}
+def _flattens_to_rows(flat: fx.Node, logits: fx.Node) -> bool:
+    """Whether `flat` is the logits as (tokens, vocabulary): view/reshape(·, -1, V), V their last size (as
+    traced, or read off their shape)."""
+    sizes = flat.args[1:]
+    sizes = tuple(sizes[0]) if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)) else tuple(sizes)
+    if len(sizes) != 2 or sizes[0] != -1:
+        return False
+    last = sizes[1]
+    value = logits.meta.get("val")
+    if isinstance(last, int):
+        return isinstance(value, torch.Tensor) and value.shape[-1] == last
+    # x.shape[-1], read off the logits or their cast
+    return (_op(last) == "getitem" and last.args[1] == -1 and _op(last.args[0]) == "getattr"
+            and last.args[0].args[1] == "shape" and last.args[0].args[0] in (logits, flat.args[0]))
+
+
+_REDUCTIONS = {0: "none", 1: "mean", 2: "sum"}  # aten's enum
+
+
+def _match_linear_cross_entropy(out: fx.Node, weights: set) -> tuple | None:
+    """(hidden, weight, targets, ignore_index, reduction) if out = cross_entropy(flat(fp32(linear(hidden,
+    weight))), targets) with no class weights or label smoothing, the logits read by nothing else but the
+    graph's output (which a step never returns: see apply_kernels) and shape queries."""
+    if _op(out) not in ("cross_entropy", "cross_entropy_loss"):
+        return None
+    bound = fx.operator_schemas.normalize_function(out.target, out.args, out.kwargs,
+                                                   normalize_to_only_use_kwargs=True)
+    if bound is None:
+        return None
+    ce = bound.kwargs
+    reduction = _REDUCTIONS.get(ce.get("reduction", "mean"), ce.get("reduction", "mean"))
+    if (ce.get("weight") is not None or ce.get("label_smoothing", 0.0) != 0.0 or reduction not in ("mean", "sum")
+            or ce.get("size_average") is not None or ce.get("reduce") is not None):
+        return None
+    flat, targets = ce.get("input", ce.get("self")), ce["target"]  # aten names the logits self
+    if _op(flat) not in ("view", "reshape") or not isinstance(targets, fx.Node):
+        return None
+    logits = flat.args[0]
+    cast = logits if _cast_to(logits) == torch.float32 else None
+    if cast is not None:
+        logits = cast.args[0]
+    linear_args = logits.args if _op(logits) == "linear" else ()
+    if len(linear_args) not in (2, 3) or (len(linear_args) == 3 and linear_args[2] is not None) \
+            or logits.kwargs.get("bias") is not None:
+        return None
+    hidden, weight = linear_args[:2]
+    if cast is None and _dtype(logits) != torch.float32:  # the softmax is taken in fp32: eager must do so too
+        return None
+    if not _flattens_to_rows(flat, logits):
+        return None
+    for made, reader in ((logits, cast or flat), (cast, flat)):  # besides the next step of the pattern
+        if made is not None and any(r is not reader and r.op != "output" and _op(r) != "getattr" for r in made.users):
+            return None
+    return hidden, weight, targets, ce.get("ignore_index", -100), reduction
+
+
+_MATCHERS = {"rmsnorm": _match_rmsnorm, "swiglu": _match_swiglu, "rope": _match_rope,
+             "linear_cross_entropy": _match_linear_cross_entropy}
 
 
 def kernel_names(kernels) -> tuple[str, ...]:
@@ -221,14 +299,26 @@ def apply_kernels(graph: fx.Graph, weight_count: int, kernels=KERNELS) -> dict[s
             call.meta.update({k: v for k, v in node.meta.items() if k in ("val", "nn_module_stack")})
             node.replace_all_uses_with(call)
             graph.erase_node(node)
+            if name == "linear_cross_entropy":
+                _unreturn_logits(graph, *match[:2])
             replaced[name] = replaced.get(name, 0) + 1
     _erase_unused(graph)
     graph.lint()
     return replaced
 
 
+def _unreturn_logits(graph: fx.Graph, hidden: fx.Node, weight: fx.Node) -> None:
+    """The fused loss never makes the logits: a graph output that was them (a Hugging Face model's logits)
+    becomes None. A step returns only the loss, so nothing it returned is lost."""
+    output = graph.output_node()
+    for node in output.all_input_nodes:
+        made = node.args[0] if _cast_to(node) is not None else node
+        if _op(made) == "linear" and tuple(made.args[:2]) == (hidden, weight):
+            output.replace_input_with(node, None)
+
+
 _PURE = {"mul", "add", "rsqrt", "mean", "pow", "float", "to", "_to_copy", "type_as", "silu", "getitem", "neg", "cat",
-         "chunk", "slice"}
+         "chunk", "slice", "linear", "view", "reshape", "getattr", "alias"}
 """The operations the patterns are made of: none changes its inputs, so one nobody reads can go."""
 
 

@@ -12,6 +12,7 @@ import time
 import torch
 
 import mtc
+from mtc.codegen.patterns import KERNELS
 from mtc.codegen.stream_plan import chrome_trace
 from mtc.config import format_bytes, parse_bytes
 from mtc.passes.schedule import ALLOCATOR_HEADROOM, MemoryBudgetError, smallest_plan
@@ -129,7 +130,7 @@ def _model_arguments(parser, batch: str, gpu_mem: str, preset: str = "tiny"):
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     parser.add_argument("--kernels", default="", type=_kernels,
                         help="Triton kernels in place of the patterns they replace: all, or some of "
-                             "rmsnorm,swiglu,rope (default: none)")
+                             f"{','.join(KERNELS)} (default: none)")
 
 
 def _model_directory_argument(parser) -> None:

@@ -37,8 +37,9 @@ def compile(model: torch.nn.Module, gpu_mem="80GB", example=None, optimizer: Ada
     profile: the hardware the plan is simulated on: a HardwareProfile, a shipped name ("h100", "h200",
     "a100", "rtx4090", "cpu") or a saved profile's path (default: what `mtc probe` saved for this device,
     else the shipped profile for its name).
-    kernels: Triton kernels in place of the block patterns they replace: "all" or some of "rmsnorm",
-    "swiglu", "rope" (default: none yet; the plan's "kernels:" line says what went in where).
+    kernels: Triton kernels in place of the patterns they replace: "all" or some of "rmsnorm", "swiglu",
+    "rope", "linear_cross_entropy" (default: none yet; the plan's "kernels:" line says what went in where).
+    The fused loss never makes the logits, so a model that returns them beside the loss returns None there.
     """
     device = _device(device)
     optimizer = optimizer if optimizer is not None else AdamW()

@@ -146,8 +146,9 @@ def costs_pass(partition: Partition, params: dict[str, torch.Tensor], buffers: d
 
 def _backward_bytes(profile: "_MemoryProfile", weight_grad_bytes: int, saved_bytes: int) -> int:
     """A recomputed backward's working set: the activations, two of the largest intermediate's size for
-    the gradients in flight, and the weight gradients."""
-    return min(saved_bytes, profile.saved_total) + 2 * profile.largest + weight_grad_bytes
+    the gradients in flight, the weight gradients, and the largest working set a kernel allocates inside."""
+    return (min(saved_bytes, profile.saved_total) + 2 * profile.largest + weight_grad_bytes
+            + max(profile.transients.values(), default=0))
 
 
 def _one_row(value, axis: int | None, rows: int):
@@ -235,6 +236,8 @@ class _MemoryProfile(fx.Interpreter):
     def __init__(self, module, rows: RowAxes | None = None):
         super().__init__(module)
         self.sizes = {}
+        self.transients = {}
+        """Bytes a node allocates and frees again while it runs (a kernel's working set)."""
         self.attention_flops = 0
         self.rows = rows
 
@@ -247,11 +250,17 @@ class _MemoryProfile(fx.Interpreter):
 
     def run_node(self, node):
         result = super().run_node(node)
+        args, kwargs = self.fetch_args_kwargs_from_env(node)
         if self.rows is not None:
-            self.rows.visit(node, *self.fetch_args_kwargs_from_env(node), result)
+            self.rows.visit(node, args, kwargs, result)
         if node.op not in ("placeholder", "output"):
             tensors = [t for t in pytree.tree_leaves(result) if isinstance(t, torch.Tensor)]
             self.sizes[node] = sum(t.nbytes for t in tensors if t._base is None)
+        declared = getattr(node.target, "working_bytes", None) if node.op == "call_function" else None
+        if declared is not None:  # a kernel's own allocations, which the graph does not show (codegen/patterns)
+            held, transient = declared(*args, **kwargs)
+            self.sizes[node] += held
+            self.transients[node] = transient
         return result
 
     @property
@@ -273,7 +282,7 @@ class _MemoryProfile(fx.Interpreter):
         live = peak = 0
         for index, node in enumerate(nodes):
             live += self.sizes.get(node, 0)
-            peak = max(peak, live)
+            peak = max(peak, live + self.transients.get(node, 0))
             for used in node.all_input_nodes:
                 if last_use[used] == index and nodes[-1] not in used.users:
                     live -= self.sizes.get(used, 0)

@@ -19,6 +19,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from mtc.codegen import patterns
+
 ELEMENTWISE = {
     operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.pow,
     torch.add, torch.sub, torch.mul, torch.div, torch.neg, torch.pow, torch.rsqrt, torch.sqrt, torch.exp,
@@ -26,7 +28,7 @@ ELEMENTWISE = {
     F.silu, F.gelu, F.relu, F.sigmoid, F.tanh, F.softplus, torch._C._nn.gelu, torch._C._nn.silu,
     "add", "sub", "mul", "div", "neg", "pow", "rsqrt", "sqrt", "exp", "tanh", "sigmoid", "abs", "cos", "sin",
     "clamp", "relu", "masked_fill", "float", "half", "bfloat16", "to", "type", "type_as", "contiguous", "clone",
-    "detach",
+    "detach", patterns.swiglu, patterns.rope,  # rope: x's rows, with tables shared by the rows or carrying them
 }
 REDUCTIONS = {torch.mean, torch.sum, torch.amax, torch.amin, torch.var, torch.std, torch.logsumexp, torch.norm,
               "mean", "sum", "amax", "amin", "var", "std", "logsumexp", "norm"}
@@ -37,6 +39,8 @@ DIM_AT = {torch.norm: 2, "norm": 2, F.normalize: 2}
 """Where `dim` sits among the positional arguments when not second (after p); keepdim follows it, except
 for var and std, whose positional form puts `unbiased` between."""
 KEEPDIM_AT = {torch.norm: 3, "norm": 3, torch.var: 3, "var": 3, torch.std: 3, "std": 3}
+LAST_AXIS_NORMS = {patterns.rmsnorm}
+"""Normalise each vector along the last axis, which must not be the row axis; their other operands are weights."""
 NORMS = {F.layer_norm, "layer_norm", "rms_norm"} | ({F.rms_norm} if hasattr(F, "rms_norm") else set())
 LINEAR = {F.linear, torch._C._nn.linear, "linear"}
 MATMUL = {operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm", "mm"}
@@ -155,6 +159,11 @@ class RowAxes:
         if target in NORMS:
             _free_of_rows(args[1:], axes[1:], kwaxes)
             if axes[0] >= args[0].dim() - len(_arg(args, kwargs, 1, "normalized_shape", ())):
+                raise Mixes("normalises over the row axis")
+            return axes[0]
+        if target in LAST_AXIS_NORMS:
+            _free_of_rows(args[1:], axes[1:], kwaxes)
+            if axes[0] == args[0].dim() - 1:
                 raise Mixes("normalises over the row axis")
             return axes[0]
         if target in LINEAR:

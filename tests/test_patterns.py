@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import mtc
-from models import assert_same_training, llama, run_both, tokens
+from models import VOCAB, assert_same_training, llama, run_both, tokens
 
 pytest.importorskip("triton")
 transformers = pytest.importorskip("transformers")
@@ -26,12 +26,20 @@ def _kernels_line(planned) -> str | None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_both_spellings_are_found_in_every_block(dtype):
     planned = mtc.plan(llama(), "3.5MB", tokens(), device="cpu", compute_dtype=dtype, kernels="all")
-    assert _kernels_line(planned) == "kernels: LlamaBlock rmsnorm x2, swiglu x1, rope x2; epilogue rmsnorm x1"
+    assert _kernels_line(planned) == ("kernels: LlamaBlock rmsnorm x2, swiglu x1, rope x2; "
+                                      "epilogue rmsnorm x1, linear_cross_entropy x1")
+    # Blocks with kernels still treat the batch's rows apart, so they can run in token chunks.
+    assert [rows.why_not for rows in planned.costs.row_axes[1:-1]] == [None] * 8
     ids = torch.randint(0, 256, (2, 16))
     planned = mtc.plan(_hf_llama(), "2MB", {"input_ids": ids, "labels": ids}, device="cpu", compute_dtype=dtype,
                        kernels="all")
     assert planned.traced.tracer == "export"
-    assert _kernels_line(planned) == "kernels: LlamaDecoderLayer rmsnorm x2, swiglu x1, rope x2; epilogue rmsnorm x1"
+    assert _kernels_line(planned) == ("kernels: LlamaDecoderLayer rmsnorm x2, swiglu x1, rope x2; "
+                                      "epilogue rmsnorm x1, linear_cross_entropy x1")
+    # The fused loss never makes the logits, which the model also returns: that output is gone (a step
+    # returns only the loss).
+    epilogue = planned.partition.stages[-1].template.graph
+    assert [a is None for a in epilogue.output_node().args[0]] == [True, False]
 
 
 def test_kernels_are_chosen_by_name_and_other_spellings_are_left_alone():
@@ -45,9 +53,30 @@ def test_kernels_are_chosen_by_name_and_other_spellings_are_left_alone():
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         vocab_size=256, head_dim=16))
     planned = mtc.plan(gemma, "2MB", {"input_ids": ids, "labels": ids}, device="cpu", kernels="all")
-    assert _kernels_line(planned) == "kernels: GemmaDecoderLayer rope x2"
+    assert _kernels_line(planned) == "kernels: GemmaDecoderLayer rope x2; epilogue linear_cross_entropy x1"
+    # Gemma 2 caps its logits (tanh) between the head and the loss: not the fused loss's pattern.
+    gemma2 = transformers.AutoModelForCausalLM.from_config(transformers.Gemma2Config(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=256, head_dim=16, final_logit_softcapping=30.0))
+    planned = mtc.plan(gemma2, "2MB", {"input_ids": ids, "labels": ids}, device="cpu", kernels="linear_cross_entropy")
+    assert _kernels_line(planned) is None
     with pytest.raises(ValueError, match=r"kernels=\['rope2'\] is not valid: \['rope2'\] unknown"):
         mtc.plan(llama(), "3.5MB", tokens(), device="cpu", kernels=["rope2"])
+
+
+def test_the_planner_counts_what_the_fused_loss_holds_and_allocates():
+    # The fused loss keeps the gradients it made for the backward and allocates a chunk's logits while it
+    # runs: neither is a node of the graph, so the call declares them and the costs add them.
+    from mtc.codegen.kernels import linear_cross_entropy as kernel
+
+    fused = mtc.plan(llama(), "3.5MB", tokens(), device="cpu", kernels="linear_cross_entropy").costs.stages[-1]
+    eager = mtc.plan(llama(), "3.5MB", tokens(), device="cpu").costs.stages[-1]
+    hidden, weight = torch.empty(2 * 8, 128, device="meta"), torch.empty(VOCAB, 128, device="meta")
+    held, transient = kernel.working_bytes(hidden, weight)
+    assert transient == 16 * VOCAB * 4 + 16 * 4  # one chunk: its logits and the per-token losses
+    assert fused.backward_bytes >= held + transient + fused.grad_bytes
+    # Its FLOPs are counted as eager's forward (the logits), which the plan triples for forward and backward.
+    assert fused.forward_flops == eager.forward_flops == 2 * 16 * 128 * VOCAB
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),

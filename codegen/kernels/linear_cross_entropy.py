@@ -13,13 +13,13 @@ import triton.language as tl
 from . import launches
 
 REDUCTIONS = ("mean", "sum")
-BLOCK = 4096  # vocabulary columns per inner step: not yet measured (issue 7)
 
 
 @triton.jit
-def _cross_entropy_grad_kernel(logits_ptr, targets_ptr, losses_ptr, ignore_index, scale, VOCAB: tl.constexpr,
+def _cross_entropy_grad_kernel(logits_ptr, targets_ptr, losses_ptr, scale_ptr, ignore_index, VOCAB: tl.constexpr,
                                BLOCK: tl.constexpr):
-    """One row: its loss to losses_ptr, and its logits overwritten by d(scale * loss)/d(logits)."""
+    """One row: its loss to losses_ptr, and its logits overwritten by d(scale * loss)/d(logits), the scale
+    read from the device (a mean's 1 / tokens counted there: no wait for the host)."""
     row = tl.program_id(0).to(tl.int64)
     logits_ptr += row * VOCAB
     target = tl.load(targets_ptr + row)
@@ -35,13 +35,18 @@ def _cross_entropy_grad_kernel(logits_ptr, targets_ptr, losses_ptr, ignore_index
     log_sum_exp = running_max + tl.log(running_sum)
     target_logit = tl.load(logits_ptr + tl.where(valid, target, 0)).to(tl.float32)
     tl.store(losses_ptr + row, tl.where(valid, log_sum_exp - target_logit, 0.0))
-    row_scale = tl.where(valid, scale, 0.0)
+    row_scale = tl.where(valid, tl.load(scale_ptr), 0.0)
     for start in range(0, VOCAB, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         mask = cols < VOCAB
         logits = tl.load(logits_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         grad = tl.exp(logits - log_sum_exp) - tl.where(cols == target, 1.0, 0.0)
         tl.store(logits_ptr + cols, (grad * row_scale).to(logits_ptr.dtype.element_ty), mask=mask)
+
+
+def launch(vocab: int) -> dict:
+    """Vocabulary columns per inner step of a row's program, and its warps: not yet measured (issue 7)."""
+    return {"BLOCK": min(4096, triton.next_power_of_2(vocab)), "num_warps": 4}
 
 
 MIN_CHUNK_ROWS = 4096
@@ -67,6 +72,18 @@ def _accumulate(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         total += a @ b
 
 
+def working_bytes(hidden: torch.Tensor, weight: torch.Tensor) -> tuple[int, int]:
+    """(held, transient): the bytes the forward leaves for the backward (the gradients of hidden and
+    weight) and those it allocates and frees while it runs (a chunk's logits and the per-token losses, and
+    the weight gradient's fp32 total when there are several chunks), for the planner, which sees neither."""
+    rows, width = hidden.numel() // hidden.shape[-1], hidden.shape[-1]
+    vocab = weight.shape[0]
+    chunk = chunk_rows(rows, width, vocab)
+    held = hidden.numel() * hidden.element_size() + weight.numel() * weight.element_size()
+    total = weight.numel() * 4 if chunk < rows else 0
+    return held, chunk * vocab * hidden.element_size() + rows * 4 + total
+
+
 def linear_cross_entropy_forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                                  ignore_index: int = -100, reduction: str = "mean", chunk: int | None = None):
     """(loss in fp32, gradient of hidden, gradient of weight) of CE(hidden @ weight.T, targets): hidden
@@ -74,11 +91,12 @@ def linear_cross_entropy_forward(hidden: torch.Tensor, weight: torch.Tensor, tar
     one chunk's is its product, in weight's dtype, as eager's (an fp32 total would cost 3 bytes a weight more)."""
     rows, width = hidden.shape
     vocab = weight.shape[0]
-    if not launches(hidden):  # the planner's meta run: shapes only
+    if not launches(hidden):  # the planner's meta run: shapes, and the FLOPs of eager's forward (the logits;
+        hidden @ weight.T     # the planner counts a backward as two more of them: the gradients made here)
         return hidden.new_empty((), dtype=torch.float32), torch.empty_like(hidden), torch.empty_like(weight)
     chunk = chunk or chunk_rows(rows, width, vocab)
-    valid = (targets != ignore_index).sum().item()
-    scale = 1.0 / valid if reduction == "mean" and valid else 1.0 if reduction == "sum" else 0.0
+    valid = (targets != ignore_index).sum(dtype=torch.float32)
+    scale = (1.0 / valid).nan_to_num(posinf=0.0) if reduction == "mean" else torch.ones_like(valid)
     losses = torch.empty(rows, dtype=torch.float32, device=hidden.device)
     grad_hidden = torch.empty_like(hidden)
     chunked = chunk < rows
@@ -87,14 +105,14 @@ def linear_cross_entropy_forward(hidden: torch.Tensor, weight: torch.Tensor, tar
         piece = hidden[start:start + chunk]
         logits = piece @ weight.T  # becomes its own gradient in place
         _cross_entropy_grad_kernel[(piece.shape[0],)](logits, targets[start:start + chunk].contiguous(),
-                                                      losses[start:start + chunk], ignore_index, scale,
-                                                      VOCAB=vocab, BLOCK=min(BLOCK, triton.next_power_of_2(vocab)))
+                                                      losses[start:start + chunk], scale, ignore_index,
+                                                      VOCAB=vocab, **launch(vocab))
         torch.matmul(logits, weight, out=grad_hidden[start:start + chunk])
         if chunked:
             _accumulate(grad_weight, logits.T, piece)
         else:
             grad_weight = logits.T @ piece
-    loss = losses.sum() / valid if reduction == "mean" else losses.sum()
+    loss = losses.sum() / valid if reduction == "mean" else losses.sum()  # all ignored: 0 / 0, NaN as eager's
     return loss, grad_hidden, grad_weight.to(weight.dtype)
 
 
@@ -107,9 +125,11 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
+        # Scaled in place: the saved gradients are used once, and a copy would hold the head's size again.
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_loss.to(grad_hidden.dtype), grad_weight * grad_loss.to(grad_weight.dtype), \
+        return grad_hidden.mul_(grad_loss.to(grad_hidden.dtype)), grad_weight.mul_(grad_loss.to(grad_weight.dtype)), \
             None, None, None, None
 
 
