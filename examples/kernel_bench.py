@@ -1,11 +1,14 @@
 """Each Triton kernel against its eager spelling (and torch.compile of it) at Llama-3-8B shapes, on a GPU.
 
-    python -m mtc.examples.kernel_bench [--tokens 16384] [--loss-tokens 32768] [--compile] [--json out.json]
+    python -m mtc.examples.kernel_bench [--tokens 16384] [--loss-tokens 32768] [--compile] [--sweep] [--json out.json]
 
 Times forward + backward (CUDA events, median of --repeat after --warmup) in bf16, and the peak memory the
-fused loss adds over its inputs against eager's full logits.
+fused loss adds over its inputs against eager's full logits. --sweep times each kernel's launch rule
+(`launch` in its module) against other block sizes and warp counts at the shapes of Llama 1B to 70B.
 """
 import argparse
+import contextlib
+import itertools
 import json
 import statistics
 
@@ -51,6 +54,83 @@ def _peak_bytes_above_inputs(fn, args, differentiable: int, grad) -> int | None:
     return torch.cuda.max_memory_allocated() - base
 
 
+SWEEP = {  # kernel: what its launch rule's result is swept over
+    "rmsnorm": {"num_warps": (1, 2, 4, 8, 16, 32)},
+    "swiglu": {"BLOCK": (256, 512, 1024, 2048, 4096, 8192), "num_warps": (2, 4, 8, 16)},
+    "rope": {"HEADS_BLOCK": (1, 2, 4, 8, 16, 32), "num_warps": (1, 2, 4, 8)},
+    "linear_cross_entropy": {"BLOCK": (1024, 2048, 4096, 8192, 16384), "num_warps": (4, 8, 16, 32)},
+}
+
+
+@contextlib.contextmanager
+def _launching_with(module, override: dict, launched: dict | None = None):
+    """The module's kernels launched with `override` in place of those fields of its rule's result; what
+    they were launched with is recorded in `launched`."""
+    rule = module.launch
+
+    def overridden(*args):
+        config = {**rule(*args), **override}
+        if launched is not None:
+            launched.update(config)
+        return config
+
+    module.launch = overridden
+    try:
+        yield
+    finally:
+        module.launch = rule
+
+
+def _sweep(tokens: int, warmup: int, repeat: int) -> list[dict]:
+    """Per kernel and shape: each swept launch's seconds (forward + backward) and how far its output is from
+    the rule's (the elementwise kernels' must be identical; the loss's online softmax may reorder sums)."""
+
+    dtype, device = torch.bfloat16, "cuda"
+    angles = torch.rand(4096, 128, device=device)
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    shapes = [(rmsnorm, f"{tokens}x{width}", rmsnorm.rmsnorm, lambda w=width: (
+        torch.randn(tokens, w, device=device, dtype=dtype), torch.ones(w, device=device, dtype=dtype)), 2, (1e-5,))
+        for width in (2048, 3072, 4096, 5120, 8192)]
+    shapes += [(swiglu, f"{tokens}x{width}", swiglu.swiglu, lambda w=width: tuple(
+        torch.randn(tokens, w, device=device, dtype=dtype) for _ in range(2)), 2, ()) for width in (8192, 14336)]
+    shapes += [(rope, f"{tokens // 4096}x{heads}x4096x128", lambda x: rope.rope(x, cos, sin), lambda h=heads: (
+        torch.randn(tokens // 4096, 4096, h, 128, device=device, dtype=dtype).transpose(1, 2),), 1, ())
+        for heads in (8, 32)]
+    shapes += [(linear_cross_entropy, f"{tokens}x{width}x{VOCAB}", linear_cross_entropy.linear_cross_entropy,
+                lambda w=width: (torch.randn(tokens, w, device=device, dtype=dtype),
+                                 0.02 * torch.randn(VOCAB, w, device=device, dtype=dtype),
+                                 torch.randint(0, VOCAB, (tokens,), device=device)), 2, ()) for width in (3072, 4096)]
+    results = []
+    for module, shape, fn, make, differentiable, extra in shapes:
+        name = module.__name__.rsplit(".", 1)[-1]
+        inputs = make()
+        call = lambda *a, fn=fn, extra=extra: fn(*a, *extra)  # noqa: E731
+        reference = call(*inputs).float()
+        grad = torch.ones_like(reference) if reference.dim() == 0 else torch.randn_like(reference).to(dtype)
+        fields = SWEEP[name]
+        rule = {}
+        with _launching_with(module, {}, rule):
+            rows = [{"launch": "rule", "seconds": _time(call, inputs, differentiable, grad, warmup, repeat),
+                     "max_diff": 0.0}]
+        rows[0].update(rule)
+        for values in itertools.product(*fields.values()):
+            override = dict(zip(fields, values))
+            with _launching_with(module, override):
+                try:
+                    out = call(*inputs).float()
+                    seconds = _time(call, inputs, differentiable, grad, warmup, repeat)
+                except Exception as error:  # a tile too large for the chip's registers or shared memory
+                    rows.append({**override, "error": f"{type(error).__name__}: {error}"[:200]})
+                    continue
+            rows.append({**override, "seconds": seconds, "max_diff": (out - reference).abs().max().item()})
+        best = min((r for r in rows if "seconds" in r), key=lambda r: r["seconds"])
+        results.append({"kernel": name, "shape": shape, "rule": rows[0], "best": best, "tried": rows})
+        print(f"{name:22s} {shape:24s} rule {rows[0]['seconds'] * 1e3:8.3f} ms  best {best['seconds'] * 1e3:8.3f} ms "
+              f"with {({k: best[k] for k in fields if k in best})}", flush=True)
+        del inputs
+    return results
+
+
 def _describe(result: dict) -> str:
     if result["seconds"] is None:
         return "out of memory"
@@ -67,6 +147,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--loss-chunks", default="", help="also time the fused loss at these tokens per chunk, "
                         "e.g. 1024,4096 (default: its own rule only)")
+    parser.add_argument("--sweep", action="store_true", help="also sweep each kernel's block sizes and warps")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -112,10 +193,11 @@ def main(argv=None) -> int:
             row[system] = {"peak_bytes_above_inputs": peak, "seconds": seconds}
         results[name] = row
         print(f"{name:22s}", "  ".join(f"{system}: {_describe(result)}" for system, result in row.items()), flush=True)
+    sweep = _sweep(args.tokens, args.warmup, args.repeat) if args.sweep else None
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "tokens": args.tokens,
-                       "loss_tokens": args.loss_tokens, "results": results}, f, indent=1)
+                       "loss_tokens": args.loss_tokens, "results": results, "sweep": sweep}, f, indent=1)
     return 0
 
 

@@ -44,8 +44,8 @@ def _rmsnorm_bwd_kernel(grad_y_ptr, x_ptr, weight_ptr, rstd_ptr, grad_x_ptr, gra
     tl.store(grad_weight_partial_ptr + program * width + cols, grad_weight, mask=mask)
 
 
-def _launch(width: int) -> dict:
-    # One row per program, the whole row in registers. Warps by row width: not yet measured (issue 7).
+def launch(width: int) -> dict:
+    """One row per program, the whole row in registers; warps by row width: not yet measured (issue 7)."""
     block = triton.next_power_of_2(width)
     return {"BLOCK": block, "num_warps": 4 if block <= 1024 else 8 if block <= 4096 else 16}
 
@@ -65,7 +65,7 @@ def rmsnorm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[
     y = torch.empty(rows.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
     rstd = torch.empty(rows.shape[0], dtype=torch.float32, device=x.device)
     if launches(rows):
-        _rmsnorm_fwd_kernel[(rows.shape[0],)](rows, weight.contiguous(), y, rstd, width, eps, **_launch(width))
+        _rmsnorm_fwd_kernel[(rows.shape[0],)](rows, weight.contiguous(), y, rstd, width, eps, **launch(width))
     return y.view(x.shape), rstd
 
 
@@ -81,7 +81,7 @@ def rmsnorm_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
     if launches(rows):
         _rmsnorm_bwd_kernel[(programs,)](grad_rows, rows, weight.contiguous(), rstd, grad_x, partial, rows.shape[0],
                                          width, ROWS_PER_PROGRAM=triton.cdiv(rows.shape[0], programs),
-                                         **_launch(width))
+                                         **launch(width))
     return grad_x.view(x.shape), partial.sum(0).to(weight.dtype)
 
 

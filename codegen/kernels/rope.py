@@ -47,6 +47,14 @@ def _tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return cos, sin, 0 if cos.shape[0] == 1 else cos.stride(0)
 
 
+def launch(heads: int, half: int) -> dict:
+    """A program's tile: one token's heads (adjacent in the projection's layout), up to 4096 elements of
+    them, and its warps: not yet measured (issue 7)."""
+    block = triton.next_power_of_2(half)
+    return {"BLOCK": block, "HEADS_BLOCK": min(triton.next_power_of_2(heads), max(1, 4096 // (2 * block))),
+            "num_warps": 4}
+
+
 def rope_apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False,
                dtype: torch.dtype | None = None) -> torch.Tensor:
     """x rotated by the tables' angles (by minus them with inverse), laid out as x is (attention's transposed
@@ -60,13 +68,10 @@ def rope_apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: b
     cos, sin, table_batch_stride = _tables(cos, sin)
     y = torch.empty_like(x, dtype=dtype or torch.promote_types(x.dtype, cos.dtype))
     if launches(y):
-        half = head_dim // 2
-        block = triton.next_power_of_2(half)
-        # The heads of one token are adjacent in the projection's layout: a tile of up to 4096 elements of them.
-        heads_block = min(triton.next_power_of_2(heads), max(1, 4096 // (2 * block)))
-        _rope_kernel[(batch * tokens, triton.cdiv(heads, heads_block))](
+        config = launch(heads, head_dim // 2)
+        _rope_kernel[(batch * tokens, triton.cdiv(heads, config["HEADS_BLOCK"]))](
             x, cos, sin, y, heads, tokens, x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1),
-            y.stride(2), table_batch_stride, HALF=half, BLOCK=block, HEADS_BLOCK=heads_block, INVERSE=inverse)
+            y.stride(2), table_batch_stride, HALF=head_dim // 2, INVERSE=inverse, **config)
     return y
 
 

@@ -7,7 +7,6 @@ import triton.language as tl
 
 from . import launches
 
-BLOCK = 1024  # elements per program; an elementwise kernel: not yet measured (issue 7)
 
 
 @triton.jit
@@ -35,11 +34,17 @@ def _swiglu_bwd_kernel(grad_out_ptr, gate_ptr, up_ptr, grad_gate_ptr, grad_up_pt
     tl.store(grad_up_ptr + offsets, (grad_out * activation).to(grad_up_ptr.dtype.element_ty), mask=mask)
 
 
+def launch() -> dict:
+    """Elements per program and warps; an elementwise kernel: not yet measured (issue 7)."""
+    return {"BLOCK": 1024, "num_warps": 4}
+
+
 def swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     gate, up = gate.contiguous(), up.contiguous()
     out = torch.empty_like(gate)
     if launches(gate):
-        _swiglu_fwd_kernel[(triton.cdiv(gate.numel(), BLOCK),)](gate, up, out, gate.numel(), BLOCK=BLOCK)
+        config = launch()
+        _swiglu_fwd_kernel[(triton.cdiv(gate.numel(), config["BLOCK"]),)](gate, up, out, gate.numel(), **config)
     return out
 
 
@@ -47,8 +52,9 @@ def swiglu_backward(grad_out: torch.Tensor, gate: torch.Tensor, up: torch.Tensor
     grad_out, gate, up = grad_out.contiguous(), gate.contiguous(), up.contiguous()
     grad_gate, grad_up = torch.empty_like(gate), torch.empty_like(up)
     if launches(gate):
-        _swiglu_bwd_kernel[(triton.cdiv(gate.numel(), BLOCK),)](grad_out, gate, up, grad_gate, grad_up, gate.numel(),
-                                                                BLOCK=BLOCK)
+        config = launch()
+        _swiglu_bwd_kernel[(triton.cdiv(gate.numel(), config["BLOCK"]),)](grad_out, gate, up, grad_gate, grad_up,
+                                                                          gate.numel(), **config)
     return grad_gate, grad_up
 
 
