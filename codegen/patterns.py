@@ -263,31 +263,50 @@ _MATCHERS = {"rmsnorm": _match_rmsnorm, "swiglu": _match_swiglu, "rope": _match_
              "linear_cross_entropy": _match_linear_cross_entropy}
 
 
-def kernel_names(kernels) -> tuple[str, ...]:
-    """The `kernels=` option as names: "all", or some of KERNELS (an empty one: none)."""
-    names = KERNELS if kernels == "all" else (kernels,) if isinstance(kernels, str) else tuple(kernels)
-    unknown = [k for k in names if k not in KERNELS]
-    if unknown:
-        raise ValueError(f"kernels={kernels!r} is not valid: {unknown} unknown; expected \"all\" or some of {KERNELS}")
-    return names
+def kernel_names(kernels, device: torch.device | None = None) -> tuple[str, ...]:
+    """The `kernels=` option as names. "auto": all of them on a GPU with triton, none elsewhere (on a CPU
+    the calls would run the eager spelling anyway); "all"; "none"; some of KERNELS; or "-name"s: those
+    switched off from "auto"'s choice. Names may come as a list or comma-separated."""
+    if not isinstance(kernels, (str, list, tuple)) or not all(isinstance(k, str) for k in kernels):
+        raise TypeError(f"kernels={kernels!r} is not valid: expected a string or a list of kernel names")
+    given = tuple(k for k in kernels.split(",") if k) if isinstance(kernels, str) else tuple(kernels)
+    if given in (("all",), ("none",), ("auto",)):
+        if given == ("auto",):
+            return KERNELS if device is not None and device.type == "cuda" and _triton_present() else ()
+        return KERNELS if given == ("all",) else ()
+    off = [k[1:] for k in given if k.startswith("-")]
+    unknown = [k for k in (off or given) if k not in KERNELS]
+    if unknown or (off and len(off) != len(given)):
+        raise ValueError(f"kernels={kernels!r} is not valid: " + (f"{unknown} unknown" if unknown else
+                         "names and -names mixed") + f"; expected \"auto\", \"all\", \"none\", some of "
+                         f"{KERNELS}, or some of them as -name (switched off)")
+    return tuple(k for k in kernel_names("auto", device) if k not in off) if off else given
 
 
-def kernels_pass(partition, kernels) -> dict[str, dict[str, int]]:
-    """Every template's graph with the named kernels in place of their patterns; per template, how many of
-    each went in (templates with none are left out)."""
-    names = kernel_names(kernels)
+def _triton_present() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def kernels_pass(partition, kernels, device: torch.device | None = None) -> dict[str, dict[str, int]]:
+    """Every template's graph with the named kernels (kernel_names) in place of their patterns; per
+    template, how many of each went in (templates with none are left out)."""
+    names = kernel_names(kernels, device)
     used = {}
     for template in {id(stage.template): stage.template for stage in partition.stages}.values():
-        counts = apply_kernels(template.graph, len(template.weight_names), names)
+        weights = [n for n in template.graph.nodes if n.op == "placeholder"][:len(template.weight_names)]
+        counts = apply_kernels(template.graph, set(weights), names)
         if counts:
             used[template.name] = counts
     return used
 
 
-def apply_kernels(graph: fx.Graph, weight_count: int, kernels=KERNELS) -> dict[str, int]:
-    """Replace in `graph` (its first `weight_count` placeholders are weights) every match of the named
-    kernels by one call; returns how many of each were replaced."""
-    weights = set([n for n in graph.nodes if n.op == "placeholder"][:weight_count])
+def apply_kernels(graph: fx.Graph, weights: set, kernels=KERNELS) -> dict[str, int]:
+    """Replace in `graph` every match of the named kernels by one call (`weights`: the nodes that are
+    weights); returns how many of each were replaced."""
     replaced = {}
     for name in kernels:
         for node in list(graph.nodes):

@@ -35,6 +35,7 @@ import time
 import torch
 
 import mtc
+from mtc.codegen.patterns import kernel_names
 from mtc.codegen.stream_plan import STREAMS, busy_seconds
 from mtc.config import format_bytes, parse_bytes
 from mtc.examples import models
@@ -48,7 +49,7 @@ GB = 1e9
 
 def run(preset: str, batch: tuple[int, int], gpu_mem: str = "80GB", steps: int = 5, warmup: int = 2,
         clip: float | None = 1.0, vs: tuple[str, ...] = (), trace_path: str | None = None,
-        cpu_threads: int | None = None, peer_timeout_s: float | None = None, progress=None, kernels=()) -> dict:
+        cpu_threads: int | None = None, peer_timeout_s: float | None = None, progress=None, kernels="auto") -> dict:
     """mtc on `preset` at `batch`, then each baseline named in `vs` (mtc.examples.baselines.BASELINES) in a
     process of its own, once this process has let go of mtc's host and device memory; one that runs past
     peer_timeout_s is stopped and reported failed. progress(result, name) is called as each system's
@@ -60,7 +61,7 @@ def run(preset: str, batch: tuple[int, int], gpu_mem: str = "80GB", steps: int =
     tokens = sequences * seq
     inputs = models.random_batches(preset, batch, 2, device)
     result = {"preset": preset, "batch": f"{sequences}x{seq}", "tokens_per_step": tokens, "gpu_mem": gpu_mem,
-              "clip": clip, "kernels": kernels, "device": torch.cuda.get_device_name(device),
+              "clip": clip, "kernels": list(kernel_names(kernels, device)), "device": torch.cuda.get_device_name(device),
               "torch": torch.__version__,
               "date": time.strftime("%Y-%m-%d"), "ceilings": _ceilings(device)}
 
@@ -177,7 +178,7 @@ def _why_not(name: str, figures: dict) -> str | None:
 
 def sweep(preset: str, batches: list[tuple[int, int]], budgets: list[str], schedules=("solve", "spine"),
           steps: int = 4, warmup: int = 1, clip: float | None = None, cpu_threads: int | None = None,
-          progress=print, calibrate: bool = True, kernels=()) -> dict:
+          progress=print, calibrate: bool = True, kernels="auto") -> dict:
     """Measured against predicted, for every batch x gpu_mem x schedule, on one state store (built once;
     each row replans it). Each row is held to its gpu_mem like run().
 
@@ -205,7 +206,7 @@ def sweep(preset: str, batches: list[tuple[int, int]], budgets: list[str], sched
         for gpu_mem in budgets:
             for schedule in schedules:
                 row = {"preset": preset, "batch": f"{sequences}x{seq}", "gpu_mem": gpu_mem, "schedule": schedule,
-                       "clip": clip, "kernels": kernels}
+                       "clip": clip, "kernels": list(kernel_names(kernels, torch.device("cuda")))}
                 torch.cuda.set_per_process_memory_fraction(min(1.0, parse_bytes(gpu_mem, "gpu_mem") / total), device)
                 try:
                     if step is None:

@@ -128,9 +128,10 @@ def _model_arguments(parser, batch: str, gpu_mem: str, preset: str = "tiny"):
     parser.add_argument("--clip", type=float, default=1.0,
                         help="clip gradients to this global norm (default 1.0; 0: off)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
-    parser.add_argument("--kernels", default="", type=_kernels,
-                        help="Triton kernels in place of the patterns they replace: all, or some of "
-                             f"{','.join(KERNELS)} (default: none)")
+    parser.add_argument("--kernels", default="auto", type=_kernels,
+                        help="Triton kernels in place of the patterns they replace: auto (all on a GPU, none "
+                             f"on the CPU), all, none, some of {','.join(KERNELS)}, or some as -name (switched "
+                             "off) (default: auto)")
 
 
 def _model_directory_argument(parser) -> None:
@@ -142,12 +143,11 @@ def _model_directory_argument(parser) -> None:
 def _kernels(text: str) -> str | tuple[str, ...]:
     from mtc.codegen.patterns import kernel_names
 
-    value = "all" if text == "all" else tuple(k for k in text.split(",") if k)
     try:
-        kernel_names(value)
+        kernel_names(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(f"--kernels={text!r}: {str(error).split(': ', 1)[1]}") from None
-    return value
+    return text
 
 
 def _batch(text: str) -> tuple[int, int]:

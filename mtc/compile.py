@@ -27,7 +27,7 @@ from mtc.runtime.store import FIXED_HOST_BYTES, HostMemoryError, StateStore, pla
 def compile(model: torch.nn.Module, gpu_mem="80GB", example=None, optimizer: AdamW | None = None,
             clip_grad_norm: float | None = None, device=None, compute_dtype: torch.dtype | None = None,
             init=None, cpu_threads: int | None = None, progress: bool = True, profile=None,
-            schedule: str = "solve", kernels=()) -> "Step":
+            schedule: str = "solve", kernels="auto") -> "Step":
     """Plan and build a streamed training step for `model`, called exactly as `example` calls it.
 
     A model built on the meta device is initialised block by block straight into the host store:
@@ -37,9 +37,10 @@ def compile(model: torch.nn.Module, gpu_mem="80GB", example=None, optimizer: Ada
     profile: the hardware the plan is simulated on: a HardwareProfile, a shipped name ("h100", "h200",
     "a100", "rtx4090", "cpu") or a saved profile's path (default: what `mtc probe` saved for this device,
     else the shipped profile for its name).
-    kernels: Triton kernels in place of the patterns they replace: "all" or some of "rmsnorm", "swiglu",
-    "rope", "linear_cross_entropy" (default: none yet; the plan's "kernels:" line says what went in where).
-    The fused loss never makes the logits, so a model that returns them beside the loss returns None there.
+    kernels: Triton kernels in place of the patterns they replace: "auto" (the default: all of them on a
+    GPU, none on the CPU), "all", "none", some of "rmsnorm", "swiglu", "rope", "linear_cross_entropy", or
+    some as "-name" (switched off). The plan's "kernels:" line says what went in where. The fused loss never
+    makes the logits, so a model that returns them beside the loss returns None there.
     """
     device = _device(device)
     optimizer = optimizer if optimizer is not None else AdamW()
@@ -98,7 +99,7 @@ SCHEDULES = ("solve", "spine")
 
 
 def plan(model, gpu_mem="80GB", example=None, clip: bool = False, device=None, compute_dtype=None,
-         profile=None, host_mem=None, schedule: str = "solve", kernels=()) -> Planned:
+         profile=None, host_mem=None, schedule: str = "solve", kernels="auto") -> Planned:
     """Run the planning passes only: nothing is allocated, so a meta-device model plans for free.
 
     host_mem: host RAM to plan for (default: the profile's); a plan whose store would not fit is refused.
@@ -123,7 +124,7 @@ def plan(model, gpu_mem="80GB", example=None, clip: bool = False, device=None, c
     # (the kernels go in before the costs, which must see what the blocks will run).
     traced = timed("trace", trace_pass, model, args, kwargs, compute_dtype)
     partition = timed("partition", partition_pass, traced)
-    kernels_used = timed("kernels", kernels_pass, partition, kernels)
+    kernels_used = timed("kernels", kernels_pass, partition, kernels, device)
     params = dict(model.named_parameters())
     buffers = {**dict(model.named_buffers()), **traced.constants}
     inputs = traced.flatten_inputs(args, kwargs)

@@ -94,17 +94,20 @@ class HardwareProfile:
 
 
 # The rates steps reached on the H100 machines (80GB HBM3, PCIe 5, 16 cores), from traced steps in the
-# BENCHMARKS.md runs of 2026-11-22 (issue 5): 3B blocks computed at ~410 TFLOP/s (the whole 3B 4x4096 step
-# at 402: norms, rotary, attention and the 128k-vocabulary loss run below the GEMM rate); copies 40-52 GB/s
-# while copying, the low end with the host optimizer busy beside them; host AdamW 2.1-2.4 G params/s with 12
-# threads; the embedding's device AdamW 33 G params/s. DESIGN.md's contended copy rate (34.5 GB/s) and GEMM
-# rate (675 TFLOP/s) were measured apart from a training step, and predicted these steps 1.2-1.7x too fast.
+# BENCHMARKS.md runs of 2026-11-22: compute with the Triton kernels in place (the default on a GPU) at 535
+# TFLOP/s in 3B 4x4096 steps and 584 in 8B ones (without them 403 and 482: norms, rotary and the
+# 128k-vocabulary loss ran far below the GEMM rate), taken between; copies 40-52 GB/s while copying, the low
+# end with the host optimizer busy beside them; host AdamW 2.1-2.4 G params/s with 12 threads; the
+# embedding's device AdamW 33 G params/s. DESIGN.md's contended copy rate (34.5 GB/s) and GEMM rate (675
+# TFLOP/s) were measured apart from a training step, and predicted eager steps 1.2-1.7x too fast.
 H100 = HardwareProfile(
-    "h100", h2d_bytes_per_s=42e9, d2h_bytes_per_s=41e9, flops_per_s=400e12, optimizer_params_per_s=2.2e9,
+    "h100", h2d_bytes_per_s=42e9, d2h_bytes_per_s=41e9, flops_per_s=550e12, optimizer_params_per_s=2.2e9,
     gpu_optimizer_params_per_s=33e9, host_bytes=126 << 30,
     source="H100 80GB HBM3 on PCIe 5, 16 cores: lane rates of traced 3B and 12B steps (BENCHMARKS.md, 2026-11-22)")
 # The rates steps reached on the H200 machines (141 GB, PCIe 5, 16 cores), calibrated in-step in the
-# BENCHMARKS.md sweeps of 2026-11-22: compute 436 TFLOP/s for 3B blocks and 506 for 8B ones (taken between).
+# BENCHMARKS.md sweeps of 2026-11-22: compute 436 TFLOP/s for 3B blocks and 506 for 8B ones (taken between),
+# without the Triton kernels: with them (the default) steps will run faster than this predicts (on the
+# H100 the kernels raised the rate 1.2-1.3x; not yet measured on an H200).
 H200 = HardwareProfile(
     "h200", h2d_bytes_per_s=50e9, d2h_bytes_per_s=51e9, flops_per_s=470e12, optimizer_params_per_s=2.0e9,
     gpu_optimizer_params_per_s=39e9, host_bytes=126 << 30,

@@ -307,14 +307,18 @@ def _gemm_rate(device: torch.device, tokens: int) -> float:
 def _block_rate(device: torch.device, quick: bool) -> float:
     """FLOP/s a Llama-3-8B decoder block sustains in bf16 over 4096 tokens (quick: a quarter-width block
     over 1024), counted as the planner counts them (its matmuls, and causal attention as half the
-    square) but timed with everything it runs (norms, rotary, SwiGLU, casts): its forward without
-    autograd, then again with it and its backward, as a recomputed stage runs in a step."""
+    square) but timed with everything it runs (norms, rotary, SwiGLU, casts; the Triton kernels in
+    place, as compile puts them on a GPU): its forward without autograd, then again with it and its
+    backward, as a recomputed stage runs in a step."""
+    from mtc.codegen.patterns import apply_kernels, kernel_names
     from mtc.examples.models import LlamaBlock, LlamaConfig
 
     scale, tokens = (4, 1024) if quick else (1, 4096)
     cfg = LlamaConfig(vocab_size=256, hidden=4096 // scale, layers=1, heads=32 // scale, kv_heads=8 // scale,
                       intermediate=14336 // scale)
-    block = LlamaBlock(cfg).to(device, torch.bfloat16)
+    block = torch.fx.symbolic_trace(LlamaBlock(cfg).to(device, torch.bfloat16))
+    apply_kernels(block.graph, {n for n in block.graph.nodes if n.op == "get_attr"}, kernel_names("auto", device))
+    block.recompile()
     x = torch.randn(1, tokens, cfg.hidden, device=device, dtype=torch.bfloat16, requires_grad=True)
     angles = torch.rand(tokens, cfg.hidden // cfg.heads, device=device)
     cos, sin = angles.cos().to(torch.bfloat16), angles.sin().to(torch.bfloat16)

@@ -157,9 +157,13 @@ def test_cli_plan_ends_with_the_prediction_and_writes_the_predicted_timeline(cap
 
 
 def test_cli_plan_that_does_not_fit_explains_where_the_bytes_go(capsys):
-    assert main(["plan", "--preset", "8b", "--gpu-mem", "24GB", "--batch", "4x4096"]) == 2
+    # Eager cross-entropy holds the 128k-vocabulary logits of 16k tokens, in bf16 and fp32, and their gradient.
+    assert main(["plan", "--preset", "8b", "--gpu-mem", "24GB", "--batch", "4x4096", "--kernels", "none"]) == 2
     err = capsys.readouterr().err
     assert "epilogue" in err and "is too small: this plan needs" in err
+    # The fused loss (on by default on a GPU) never holds them: the same model and batch fit.
+    assert main(["plan", "--preset", "8b", "--gpu-mem", "24GB", "--batch", "4x4096"]) == 0
+    assert "linear_cross_entropy x1" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv, match", [(["plan", "--batch", "4by4096"], "--batch='4by4096'"),

@@ -45,7 +45,13 @@ def test_both_spellings_are_found_in_every_block(dtype):
 def test_kernels_are_chosen_by_name_and_other_spellings_are_left_alone():
     planned = mtc.plan(llama(), "3.5MB", tokens(), device="cpu", kernels=["swiglu"])
     assert _kernels_line(planned) == "kernels: LlamaBlock swiglu x1"
-    assert _kernels_line(mtc.plan(llama(), "3.5MB", tokens(), device="cpu")) is None  # none asked for
+    # By default all of them where they run (a GPU), and none on the CPU; "-name" switches one off.
+    everything = ("kernels: LlamaBlock rmsnorm x2, swiglu x1, rope x2; epilogue rmsnorm x1, linear_cross_entropy x1")
+    assert _kernels_line(mtc.plan(llama(), "3.5MB", tokens(), device="cuda")) == everything
+    assert _kernels_line(mtc.plan(llama(), "3.5MB", tokens(), device="cpu")) is None
+    planned = mtc.plan(llama(), "3.5MB", tokens(), device="cuda", kernels="-rope,-linear_cross_entropy")
+    assert _kernels_line(planned) == "kernels: LlamaBlock rmsnorm x2, swiglu x1; epilogue rmsnorm x1"
+    assert _kernels_line(mtc.plan(llama(), "3.5MB", tokens(), device="cuda", kernels="none")) is None
     # Gemma's norm multiplies by (1 + weight) and its MLP gates with GELU: neither is a kernel's pattern (its
     # rotary embedding is Llama's).
     ids = torch.randint(0, 256, (2, 16))
@@ -62,6 +68,10 @@ def test_kernels_are_chosen_by_name_and_other_spellings_are_left_alone():
     assert _kernels_line(planned) is None
     with pytest.raises(ValueError, match=r"kernels=\['rope2'\] is not valid: \['rope2'\] unknown"):
         mtc.plan(llama(), "3.5MB", tokens(), device="cpu", kernels=["rope2"])
+    with pytest.raises(ValueError, match=r"kernels='-rope,swiglu' is not valid: names and -names mixed"):
+        mtc.plan(llama(), "3.5MB", tokens(), device="cpu", kernels="-rope,swiglu")
+    with pytest.raises(TypeError, match=r"kernels=1 is not valid: expected a string or a list"):
+        mtc.plan(llama(), "3.5MB", tokens(), device="cpu", kernels=1)
 
 
 def test_the_planner_counts_what_the_fused_loss_holds_and_allocates():
