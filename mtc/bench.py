@@ -61,7 +61,8 @@ def run(preset: str, batch: tuple[int, int], gpu_mem: str = "80GB", steps: int =
     tokens = sequences * seq
     inputs = models.random_batches(preset, batch, 2, device)
     result = {"preset": preset, "batch": f"{sequences}x{seq}", "tokens_per_step": tokens, "gpu_mem": gpu_mem,
-              "clip": clip, "kernels": list(kernel_names(kernels, device)), "device": torch.cuda.get_device_name(device),
+              "clip": clip, "kernels": list(kernel_names(kernels, device)),
+              "device": torch.cuda.get_device_name(device),
               "torch": torch.__version__,
               "date": time.strftime("%Y-%m-%d"), "ceilings": _ceilings(device)}
 
