@@ -42,6 +42,7 @@ KEEPDIM_AT = {torch.norm: 3, "norm": 3, torch.var: 3, "var": 3, torch.std: 3, "s
 LAST_AXIS_NORMS = {patterns.rmsnorm}
 """Normalise each vector along the last axis, which must not be the row axis; their other operands are weights."""
 NORMS = {F.layer_norm, "layer_norm", "rms_norm"} | ({F.rms_norm} if hasattr(F, "rms_norm") else set())
+LOSSES = {patterns.linear_cross_entropy, F.cross_entropy, "cross_entropy", "cross_entropy_loss"}
 LINEAR = {F.linear, torch._C._nn.linear, "linear"}
 MATMUL = {operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm", "mm"}
 ATTENTION = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention, "scaled_dot_product_attention"}
@@ -161,6 +162,8 @@ class RowAxes:
             if axes[0] >= args[0].dim() - len(_arg(args, kwargs, 1, "normalized_shape", ())):
                 raise Mixes("normalises over the row axis")
             return axes[0]
+        if target in LOSSES:
+            raise Mixes("averages or sums the loss over the rows")
         if target in LAST_AXIS_NORMS:
             _free_of_rows(args[1:], axes[1:], kwaxes)
             if axes[0] == args[0].dim() - 1:
