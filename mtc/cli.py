@@ -131,7 +131,7 @@ def _model_arguments(parser, batch: str, gpu_mem: str, preset: str = "tiny"):
     parser.add_argument("--kernels", default="auto", type=_kernels,
                         help="Triton kernels in place of the patterns they replace: auto (all on a GPU, none "
                              f"on the CPU), all, none, some of {','.join(KERNELS)}, or some as -name (switched "
-                             "off) (default: auto)")
+                             "off, as --kernels=-rope) (default: auto)")
 
 
 def _model_directory_argument(parser) -> None:

@@ -103,15 +103,16 @@ class HardwareProfile:
 H100 = HardwareProfile(
     "h100", h2d_bytes_per_s=42e9, d2h_bytes_per_s=41e9, flops_per_s=550e12, optimizer_params_per_s=2.2e9,
     gpu_optimizer_params_per_s=33e9, host_bytes=126 << 30,
-    source="H100 80GB HBM3 on PCIe 5, 16 cores: lane rates of traced 3B and 12B steps (BENCHMARKS.md, 2026-11-22)")
+    source="H100 80GB HBM3 on PCIe 5, 16 cores: lane rates of traced 3B, 8B and 12B steps, compute with the Triton "
+           "kernels (BENCHMARKS.md, 2026-11-22)")
 # The rates steps reached on the H200 machines (141 GB, PCIe 5, 16 cores), calibrated in-step in the
-# BENCHMARKS.md sweeps of 2026-11-22: compute 436 TFLOP/s for 3B blocks and 506 for 8B ones (taken between),
-# without the Triton kernels: with them (the default) steps will run faster than this predicts (on the
-# H100 the kernels raised the rate 1.2-1.3x; not yet measured on an H200).
+# BENCHMARKS.md runs of 2026-11-22: compute with the Triton kernels in place (the default on a GPU) at 566
+# TFLOP/s in 3B 4x4096 steps and 590 in 8B ones (without them 433 and 501), taken between.
 H200 = HardwareProfile(
-    "h200", h2d_bytes_per_s=50e9, d2h_bytes_per_s=51e9, flops_per_s=470e12, optimizer_params_per_s=2.0e9,
+    "h200", h2d_bytes_per_s=50e9, d2h_bytes_per_s=51e9, flops_per_s=575e12, optimizer_params_per_s=2.0e9,
     gpu_optimizer_params_per_s=39e9, host_bytes=126 << 30,
-    source="H200 141GB on PCIe 5, 16 cores: lane rates of traced 3B and 8B steps (BENCHMARKS.md, 2026-11-22)")
+    source="H200 141GB on PCIe 5, 16 cores: lane rates of traced 3B and 8B steps, compute with the Triton kernels "
+           "(BENCHMARKS.md, 2026-11-22)")
 # Not measured here: PCIe 4 x16 carries ~25 GB/s pinned one way, less with both ways and AdamW beside it;
 # 312 TFLOP/s bf16 dense peak, ~80% sustained; HBM2e 2 TB/s.
 A100 = HardwareProfile(

@@ -36,7 +36,7 @@ def _swiglu_bwd_kernel(grad_out_ptr, gate_ptr, up_ptr, grad_gate_ptr, grad_up_pt
 
 def launch() -> dict:
     """1024 elements a program, 4 warps. Measured (`python -m mtc.examples.kernel_bench --sweep`, H100,
-    2026-11-22; BENCHMARKS.md): at 16384 x 8192 and 16384 x 14336 within 5% of the best of 24 (256 to 8192
+    2026-11-22; BENCHMARKS.md): at 16384 x 8192 and 16384 x 14336 within 6% of the best of 24 (256 to 8192
     elements x 2 to 16 warps); 256 elements with 16 warps (fewer elements than threads) ran 2.3x slower."""
     return {"BLOCK": 1024, "num_warps": 4}
 
