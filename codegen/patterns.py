@@ -36,14 +36,14 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return kernel.swiglu_reference(gate, up)
 
 
-def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, in_place: bool = False) -> torch.Tensor:
     from .kernels import rope as kernel
 
     tokens, head_dim = x.shape[-2:] if x.dim() == 4 else (None, None)
     tables = cos.shape == sin.shape and cos.shape[-2:] == (tokens, head_dim) and (
         cos.dim() in (2, 3) or (cos.dim() == 4 and cos.shape[1] == 1))
     if _kernels_run_on(x) and tables and head_dim % 2 == 0 and not (cos.requires_grad or sin.requires_grad):
-        return kernel.rope(x, cos, sin)
+        return kernel.rope(x, cos, sin, in_place)
     return kernel.rope_reference(x, cos, sin)
 
 
@@ -322,8 +322,27 @@ def apply_kernels(graph: fx.Graph, weights: set, kernels=KERNELS) -> dict[str, i
                 _unreturn_logits(graph, *match[:2])
             replaced[name] = replaced.get(name, 0) + 1
     _erase_unused(graph)
+    for node in graph.nodes:
+        if node.target is rope and _fresh_and_read_once(node.args[0]):
+            node.args = (*node.args[:3], True)  # in place
     graph.lint()
     return replaced
+
+
+_VIEWS = {"view", "reshape", "unflatten", "transpose", "permute", "alias", "unsqueeze"}
+
+
+def _fresh_and_read_once(x: fx.Node) -> bool:
+    """Whether `x` is a product of its stage (a projection's output, through views of it) that one node reads
+    and nothing saves for a backward (a linear keeps its input, not its output): that reader may overwrite it."""
+    node = x
+    while isinstance(node, fx.Node) and len(node.users) == 1:
+        if _op(node) == "linear":
+            return True
+        if _op(node) not in _VIEWS:
+            return False
+        node = node.args[0]
+    return False
 
 
 def _unreturn_logits(graph: fx.Graph, hidden: fx.Node, weight: fx.Node) -> None:

@@ -183,6 +183,29 @@ def test_rope_keeps_the_layout_it_is_given():
     assert projection.grad.shape == projection.shape
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rope_in_place_overwrites_the_projection_with_the_same_result(dtype):
+    generator = torch.Generator().manual_seed(0)
+    weights = _random((2, 5, 3 * 8), dtype, generator)
+    cos, sin = _random((5, 8), dtype, generator), _random((5, 8), dtype, generator)
+    grad = _random((2, 3, 5, 8), dtype, generator)
+    results = []
+    for in_place in (False, True):
+        leaf = weights.clone().requires_grad_()
+        projection = leaf * 1  # a product of the stage, as a linear's output is
+        x = projection.unflatten(-1, (3, 8)).transpose(1, 2)
+        y = rope.rope(x, cos, sin, in_place=in_place)
+        assert (y.data_ptr() == projection.data_ptr()) == in_place and y.stride() == x.stride()
+        y.backward(grad)
+        results.append((y.detach(), leaf.grad))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    # A result x cannot hold (fp32 tables promote an fp16 x): a new tensor, as without in_place.
+    x = _random((1, 2, 5, 8), torch.float16, generator)
+    assert rope.rope(x, cos.float(), sin.float(), in_place=True).dtype == torch.float32
+    with pytest.raises(ValueError, match="cannot hold its rotation"):
+        rope.rope_apply(x, cos.float(), sin.float(), in_place=True)
+
+
 def test_on_the_meta_device_each_kernel_gives_eagers_shapes_and_dtypes():
     # The planner runs blocks on the meta device: a kernel there launches nothing and returns what eager would.
     def meta(*shape, dtype=torch.bfloat16):

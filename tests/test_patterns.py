@@ -74,6 +74,39 @@ def test_kernels_are_chosen_by_name_and_other_spellings_are_left_alone():
         mtc.plan(llama(), "3.5MB", tokens(), device="cpu", kernels=1)
 
 
+def _rotate(x, cos, sin):
+    first, second = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-second, first), dim=-1) * sin
+
+
+def test_rope_rotates_in_place_only_a_projection_nothing_else_reads():
+    from mtc.codegen import patterns
+
+    def in_place_flags(fn):
+        graph = torch.fx.symbolic_trace(fn).graph
+        assert patterns.apply_kernels(graph, set(), ["rope"]) == {"rope": 1}
+        return [n.args[3:] for n in graph.nodes if n.target is patterns.rope]
+
+    def read_once(h, w, cos, sin):
+        return _rotate(torch.nn.functional.linear(h, w).unflatten(-1, (2, 4)).transpose(1, 2), cos, sin)
+
+    def read_twice(h, w, cos, sin):
+        q = torch.nn.functional.linear(h, w).unflatten(-1, (2, 4)).transpose(1, 2)
+        return _rotate(q, cos, sin), q
+
+    def not_a_product(q, cos, sin):  # a stage input: kept for the backward, so never overwritten
+        return _rotate(q, cos, sin)
+
+    assert in_place_flags(read_once) == [(True,)]
+    assert in_place_flags(read_twice) == [()] and in_place_flags(not_a_product) == [()]
+    # Both tracers' Llama attention: queries and keys rotate in place.
+    for planned in (mtc.plan(llama(), "3.5MB", tokens(), device="cpu", kernels="rope"),
+                    mtc.plan(_hf_llama(), "2MB", {"input_ids": tokens()[0], "labels": tokens()[0]}, device="cpu",
+                             kernels="rope")):
+        graph = planned.partition.stages[1].template.graph
+        assert [n.args[3:] for n in graph.nodes if n.target is patterns.rope] == [(True,), (True,)]
+
+
 def test_the_planner_counts_what_the_fused_loss_holds_and_allocates():
     # The fused loss keeps the gradients it made for the backward and allocates a chunk's logits while it
     # runs: neither is a node of the graph, so the call declares them and the costs add them.

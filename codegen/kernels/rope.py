@@ -2,7 +2,8 @@
 of the head dimension, as Llama and Hugging Face apply it to queries and keys. x is (batch, heads, tokens,
 head_dim), read and written through its strides (the transposed view attention makes of the projection);
 cos and sin are (tokens, head_dim) or (batch or 1, tokens, head_dim), tables without gradients. The
-backward is the rotation by -angle, so nothing is saved but the tables."""
+backward is the rotation by -angle, so nothing is saved but the tables. In place, the result overwrites x
+(each program reads its elements before it writes them): for a caller that reads x no more."""
 import torch
 import triton
 import triton.language as tl
@@ -58,17 +59,20 @@ def launch(heads: int, half: int) -> dict:
 
 
 def rope_apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False,
-               dtype: torch.dtype | None = None) -> torch.Tensor:
+               dtype: torch.dtype | None = None, in_place: bool = False) -> torch.Tensor:
     """x rotated by the tables' angles (by minus them with inverse), laid out as x is (attention's transposed
-    view stays one), of `dtype` (default: x's and the tables' promoted, as eager's product)."""
+    view stays one), of `dtype` (default: x's and the tables' promoted, as eager's product); in_place: into x
+    itself (see can_rotate_in_place)."""
     batch, heads, tokens, head_dim = x.shape
     if head_dim % 2 or cos.shape[-2:] != (tokens, head_dim) or sin.shape != cos.shape:
         raise ValueError(f"rope: x {tuple(x.shape)} with cos {tuple(cos.shape)} and sin {tuple(sin.shape)}: expected "
                          f"an even head_dim and tables of (..., tokens, head_dim) = (..., {tokens}, {head_dim})")
+    if in_place and not can_rotate_in_place(x, cos):
+        raise ValueError(f"rope: x ({x.dtype}, strides {x.stride()}) cannot hold its rotation by {cos.dtype} tables")
     if x.stride(-1) != 1:
         x = x.contiguous()
     cos, sin, table_batch_stride = _tables(cos, sin)
-    y = torch.empty_like(x, dtype=dtype or torch.promote_types(x.dtype, cos.dtype))
+    y = x if in_place else torch.empty_like(x, dtype=dtype or torch.promote_types(x.dtype, cos.dtype))
     if launches(y):
         config = launch(heads, head_dim // 2)
         _rope_kernel[(batch * tokens, triton.cdiv(heads, config["HEADS_BLOCK"]))](
@@ -77,23 +81,31 @@ def rope_apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: b
     return y
 
 
+def can_rotate_in_place(x: torch.Tensor, cos: torch.Tensor) -> bool:
+    """Whether x can hold its own rotation: its head_dim contiguous, and of the result's dtype."""
+    return x.stride(-1) == 1 and torch.promote_types(x.dtype, cos.dtype) == x.dtype
+
+
 class RoPEFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, cos, sin):
+    def forward(ctx, x, cos, sin, in_place):
         ctx.save_for_backward(cos, sin)
         ctx.x_dtype = x.dtype
-        return rope_apply(x, cos, sin)
+        if in_place:
+            ctx.mark_dirty(x)
+        return rope_apply(x, cos, sin, in_place=in_place)
 
     @staticmethod
     def backward(ctx, grad_y):
         cos, sin = ctx.saved_tensors
-        return rope_apply(grad_y, cos, sin, inverse=True, dtype=ctx.x_dtype), None, None
+        return rope_apply(grad_y, cos, sin, inverse=True, dtype=ctx.x_dtype), None, None, None
 
 
-def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, in_place: bool = False) -> torch.Tensor:
+    """in_place: overwrite x with the result when it can hold it (can_rotate_in_place), else a new tensor."""
     if cos.requires_grad or sin.requires_grad:
         raise ValueError("rope: cos and sin are tables without gradients; these require one")
-    return RoPEFunction.apply(x, cos, sin)
+    return RoPEFunction.apply(x, cos, sin, in_place and can_rotate_in_place(x, cos))
 
 
 def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
