@@ -132,14 +132,16 @@ def plan(model, gpu_mem="80GB", example=None, clip: bool = False, device=None, c
     # Unless given: a profile `mtc probe` saved for this GPU, else the shipped one for its name.
     profile = resolve_profile(profile) if profile is not None else profile_for(
         device, device_known=device.type != "cuda" or torch.cuda.is_available())
+    host_mem = host_mem or profile.host_bytes or None
     if schedule == "spine":
         schedule = timed("schedule", lambda: fixed_plan(costs, gpu_mem, clip, slots=2, resident=[], check=True))
     else:
-        schedule = timed("schedule", schedule_pass, costs, gpu_mem, clip, None, None, profile)
+        schedule = timed("schedule", schedule_pass, costs, gpu_mem, clip, None, None, profile,
+                         host_mem - FIXED_HOST_BYTES if host_mem else None,
+                         lambda s: planned_host_bytes(s, compute_dtype, device))
     stream_plan = timed("lower", lower, schedule)
     timed("validate", validate, stream_plan, profile)
     host_bytes = planned_host_bytes(schedule, compute_dtype, device)
-    host_mem = host_mem or profile.host_bytes or None
     if host_mem is not None and host_bytes + FIXED_HOST_BYTES > host_mem:
         raise HostMemoryError(
             f"host_mem={format_bytes(host_mem)} is too small: the training state needs {format_bytes(host_bytes)} "

@@ -123,7 +123,8 @@ it had allocated in the H100 runs of BENCHMARKS.md (3B and 8B Llama shapes)."""
 
 
 def schedule_pass(costs: Costs, gpu_mem: int, clip: bool, slots: int | None = None,
-                  resident: int | None = None, profile=None) -> Schedule:
+                  resident: int | None = None, profile=None, host_budget: int | None = None,
+                  host_bytes=None) -> Schedule:
     """Search the weight slots (1 to MAX_SLOTS, or exactly `slots`), the resident stages and the stages'
     activation policies and the token chunks (chunk_counts); keep the plan that fits and is predicted
     fastest on `profile`.
@@ -134,6 +135,9 @@ def schedule_pass(costs: Costs, gpu_mem: int, clip: bool, slots: int | None = No
     with the next forward instead of holding it back at its last stage. Activation policies: see
     _policies. Ties (within TIE) go to the plan that offloads fewest stages (PCIe time and host memory for
     no gain), then has fewest token chunks, then streams fewest, then recomputes fewest, then has more slots. `resident=r` asks for exactly stages [0, r).
+    host_budget: host bytes the plan may use, host_bytes(schedule) what one uses: only plans within it count
+    (more resident stages, fewer offloaded inputs use less); if none is, the one using least is returned,
+    for the caller to refuse with its numbers.
     """
     from mtc.codegen.stream_plan import lower, lower_bound_seconds, predicted_step_seconds
     from mtc.config import H100
@@ -156,13 +160,17 @@ def schedule_pass(costs: Costs, gpu_mem: int, clip: bool, slots: int | None = No
                 if key not in seen:
                     seen.add(key)
                     candidates.append((bound[tuple(kept)], len(candidates), chunks, k, kept))
-    options, predicted = [], {}
+    options, predicted, least_host = [], {}, None
     fastest = float("inf")
     for least, order, chunks, k, kept in sorted(candidates):  # likeliest first; the order breaks exact ties
         if least > fastest * (1 + TIE) * (1 + 1e-12):  # the margin: the simulation's float sums round
             break  # neither this nor any later candidate can be within TIE of the fastest
         for keep, offload in _policies(costs, gpu_mem, clip, k, kept, budget, chunks):
             plan = fixed_plan(costs, gpu_mem, clip, k, kept, keep, offload, chunks=chunks)
+            if host_budget is not None and host_bytes(plan) > host_budget:
+                if least_host is None or host_bytes(plan) < host_bytes(least_host):
+                    least_host = plan
+                continue
             twin = (plan.slots, tuple(kept), tuple(plan.keep), tuple(plan.offload))  # chunked or not: same time
             if twin not in predicted:
                 predicted[twin] = predicted_step_seconds(lower(plan), profile)
@@ -170,7 +178,7 @@ def schedule_pass(costs: Costs, gpu_mem: int, clip: bool, slots: int | None = No
             options.append((predicted[twin], len(offload), chunks, count - len(kept), count - 1 - len(keep), -k,
                             order, plan))
     if not options:
-        return smallest_plan(costs, gpu_mem, clip, check=True)  # raises, naming its need
+        return least_host or smallest_plan(costs, gpu_mem, clip, check=True)  # the latter raises, naming its need
     return min((o for o in options if o[0] <= fastest * (1 + TIE)), key=lambda o: o[1:7])[7]
 
 
