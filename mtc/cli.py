@@ -17,6 +17,7 @@ from mtc.codegen.stream_plan import chrome_trace
 from mtc.config import format_bytes, parse_bytes
 from mtc.passes.schedule import ALLOCATOR_HEADROOM, MemoryBudgetError, smallest_plan
 from mtc.plan import stage_table
+from mtc.runtime.store import HostMemoryError
 from mtc.examples import data, models
 
 
@@ -311,9 +312,9 @@ def _plan(args) -> int:
                         profile=args.profile, host_mem=host_mem, kernels=args.kernels)
 
     if args.max_seq:
-        seq, base = _longest_sequence(plan_for, batch, gpu_mem, bool(args.clip), args.max_seq)
+        seq, base, why = _longest_sequence(plan_for, batch, gpu_mem, bool(args.clip), args.max_seq)
         print(_polynomials(base))
-        print(f"longest sequence that fits: {seq} tokens ({batch}x{seq}, multiples of {SEQ_STEP})")
+        print(f"longest sequence that fits: {seq} tokens ({batch}x{seq}, multiples of {SEQ_STEP}); {why}")
     try:
         planned = plan_for(seq)
     except MemoryBudgetError as error:
@@ -364,11 +365,12 @@ SEQ_STEP = 128
 
 
 def _longest_sequence(plan_for, batch: int, gpu_mem: int, clip: bool, limit: int):
-    """(The longest multiple of SEQ_STEP up to `limit` whose plan fits, the plan at SEQ_STEP tokens). Device memory grows with the
-    sequence, so what fits is a prefix of the lengths: a binary search over the smallest plan (one slot,
-    nothing resident, inputs offloaded: a plan fits if and only if that one does), its costs
-    evaluated from the polynomials of b and s fitted once (passes.costs.symbolic_costs). The answer is
-    then planned for real; should that disagree, the search runs again planning every probe."""
+    """(The longest multiple of SEQ_STEP up to `limit` whose plan fits, the plan at SEQ_STEP tokens, what stops
+    the next length). Device memory grows with the sequence, so what fits is a prefix of the lengths: a
+    binary search over the smallest plan (one slot, nothing resident, inputs offloaded: a plan fits the
+    device if and only if that one does), its costs evaluated from the polynomials of b and s fitted once
+    (passes.costs.symbolic_costs). The answer is then planned for real, host RAM included (offloaded inputs
+    grow with the sequence too); should that disagree, the search runs again planning every probe."""
     if limit < SEQ_STEP:
         raise ValueError(f"--max-seq={limit} is not valid; expected a number of tokens >= {SEQ_STEP}")
     try:
@@ -381,17 +383,26 @@ def _longest_sequence(plan_for, batch: int, gpu_mem: int, clip: bool, limit: int
     def fits_on_paper(tokens):
         return smallest_plan(symbolic.at(batch, tokens), gpu_mem, clip).peak_bytes <= budget
 
+    refusals = {}
+
     def fits(tokens):
         try:
             plan_for(tokens)
             return True
-        except MemoryBudgetError:
+        except (MemoryBudgetError, HostMemoryError) as error:
+            refusals[tokens] = error
             return False
 
     seq = _search(fits_on_paper, limit)
-    if fits(seq) and (seq + SEQ_STEP > limit or not fits(seq + SEQ_STEP)):
-        return seq, base
-    return _search(fits, limit), base
+    if not (fits(seq) and (seq + SEQ_STEP > limit or not fits(seq + SEQ_STEP))):
+        seq = _search(fits, limit)
+    if seq + SEQ_STEP > limit:
+        return seq, base, f"--max-seq={limit} stops the search"
+    if seq + SEQ_STEP not in refusals:
+        fits(seq + SEQ_STEP)
+    error = refusals[seq + SEQ_STEP]
+    what = "the GPU's working set" if isinstance(error, MemoryBudgetError) else "host RAM"
+    return seq, base, f"at {seq + SEQ_STEP} tokens {what} stops it: {error}"
 
 
 def _polynomials(planned) -> str:

@@ -220,6 +220,13 @@ def test_cli_finds_the_longest_sequence_that_fits(capsys):
     plan(seq)  # fits
     with pytest.raises(ValueError, match="too small"):
         plan(seq + 128)
+    assert f"at {seq + 128} tokens the GPU's working set stops it: gpu_mem=2.79 GiB" in line
+    # With less host RAM the state moves to the GPU while it can; then host RAM is what stops the sequence.
+    assert main(["plan", "--preset", "125m", "--batch", "2x128", "--gpu-mem", "3GB", "--host-mem", "7GB",
+                 "--max-seq", "65536"]) == 0
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("longest sequence that fits: "))
+    host_seq = int(line.split()[4])
+    assert 128 <= host_seq < seq and f"at {host_seq + 128} tokens host RAM stops it: host_mem=6.52 GiB" in line
 
 
 @pytest.mark.parametrize("preset, layers, params", [("8b", 32, 8_030_261_248), ("8b:40", 40, 9_775_157_248),
