@@ -28,7 +28,7 @@ ELEMENTWISE = {
     F.silu, F.gelu, F.relu, F.sigmoid, F.tanh, F.softplus, torch._C._nn.gelu, torch._C._nn.silu,
     "add", "sub", "mul", "div", "neg", "pow", "rsqrt", "sqrt", "exp", "tanh", "sigmoid", "abs", "cos", "sin",
     "clamp", "relu", "masked_fill", "float", "half", "bfloat16", "to", "type", "type_as", "contiguous", "clone",
-    "detach", patterns.swiglu, patterns.rope,  # rope: x's rows, with tables shared by the rows or carrying them
+    "detach", patterns.swiglu,
 }
 REDUCTIONS = {torch.mean, torch.sum, torch.amax, torch.amin, torch.var, torch.std, torch.logsumexp, torch.norm,
               "mean", "sum", "amax", "amin", "var", "std", "logsumexp", "norm"}
@@ -162,6 +162,8 @@ class RowAxes:
             if axes[0] >= args[0].dim() - len(_arg(args, kwargs, 1, "normalized_shape", ())):
                 raise Mixes("normalises over the row axis")
             return axes[0]
+        if target is patterns.rope:
+            return _rope(args[0], axes[0], args[1:3], axes[1:3])
         if target in LOSSES:
             raise Mixes("averages or sums the loss over the rows")
         if target in LAST_AXIS_NORMS:
@@ -262,10 +264,14 @@ class RowAxes:
                 return axis + (len(args[2]) - 1 if axis > where else 0)
             return _reshaped(x, axis, result, self.rows)
         if target in RESHAPES:
-            return _reshaped(x, axis, result, self.rows)
+            out_axis = _reshaped(x, axis, result, self.rows)
+            _sized_by_its_own_shape(args[1:], axes[1:], out_axis)
+            return out_axis
         if target in ("expand", "expand_as"):
             if result.shape[result.dim() - dims + axis] != x.shape[axis]:
                 raise Mixes("expands the row axis")
+            if target == "expand":
+                _sized_by_its_own_shape(args[1:], axes[1:], result.dim() - dims + axis)
             return result.dim() - dims + axis
         if target in ("repeat_interleave", torch.repeat_interleave):
             if _arg(args, kwargs, 2, "dim", None) is None or _arg(args, kwargs, 2, "dim", None) % dims == axis:
@@ -277,6 +283,17 @@ class RowAxes:
                 raise Mixes("splits the row axis")
             return tuple(axis for _ in result)
         raise Mixes("is not an operation the row check knows")
+
+
+def _sized_by_its_own_shape(sizes, size_axes, out_axis: int) -> None:
+    """A view's size along the row axis must be read off a shape (or be -1): a number written into the graph
+    (torch.export bakes the batch in) would give a chunk the whole batch's size."""
+    if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)):
+        sizes, size_axes = sizes[0], size_axes[0]
+    if out_axis < len(sizes):
+        size, tracked = sizes[out_axis], size_axes[out_axis]
+        if isinstance(size, int) and size != -1 and not isinstance(tracked, Shape):
+            raise Mixes("sizes the row axis by a number written into the graph (torch.export bakes the batch in)")
 
 
 def _op(target):
@@ -300,6 +317,20 @@ def _leaves(value) -> list:
 def _tensors(values, axes) -> list[tuple[torch.Tensor, int | None]]:
     """(tensor, row axis) for every tensor among the arguments (axes mirrors values)."""
     return [(v, a) for v, a in zip(_leaves(values), _leaves(axes)) if isinstance(v, torch.Tensor)]
+
+
+def _rope(x, axis, tables, table_axes) -> int:
+    """The rotary kernel: x (batch, heads, tokens, head_dim) with tables of (tokens, head_dim) for every row,
+    or of (batch or 1, [1,] tokens, head_dim), one per row (not broadcast from the right, as eager's spelling
+    unsqueezes them)."""
+    if axis != 0:
+        raise Mixes("rotates a value whose rows are not its leading axis")
+    for table, own in zip(tables, table_axes):
+        if own is None and table.dim() >= 3 and table.shape[0] != 1:
+            raise Mixes("pairs each row with a different slice of a value that is the same for every row")
+        if own not in (None, 0):
+            raise Mixes("combines values whose rows lie along different axes")
+    return 0
 
 
 def _broadcast(operands, out_dim: int) -> int:

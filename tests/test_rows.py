@@ -53,6 +53,13 @@ class RowIndex(Rowwise):
         return self.proj(x) + torch.arange(x.shape[0], dtype=x.dtype, device=x.device)[:, None, None]
 
 
+class BatchWrittenIn(Rowwise):
+    """As torch.export traces a reshape: the batch's size a number in the graph, which a chunk would not have."""
+
+    def forward(self, x):
+        return self.proj(x.reshape(-1, 16)).view(2, x.shape[1], 16)
+
+
 class Noisy(Rowwise):
     def forward(self, x):
         return F.dropout(self.proj(x), p=0.1, training=True)
@@ -96,6 +103,7 @@ def test_rows_merged_with_the_sequence_stay_apart():
     (SeqMajorFlatten, "(flatten) flattens the row axis into an axis outside it"),
     (RowIndex, "(arange) makes a tensor sized by the batch"),
     (Noisy, "(dropout) draws random numbers"),
+    (BatchWrittenIn, "(view) sizes the row axis by a number written into the graph"),
 ])
 def test_blocks_that_mix_rows_or_draw_random_numbers_are_named(block, why):
     axes = row_axes(LM(block))
