@@ -67,7 +67,7 @@ def trace_pass(model: torch.nn.Module, args: tuple, kwargs: dict,
         return _trace_fx(model, args, kwargs)
     except Exception as fx_error:  # fx fails on shape-dependent Python, **kwargs, ...
         try:
-            with _without_kv_cache(model):
+            with _without_kv_cache(model), _causal_attention_without_mask(model, kwargs):
                 return _trace_export(model, args, kwargs, compute_dtype)
         except Exception as export_error:
             where = _user_frame(export_error) or _user_frame(fx_error) or "unknown location"
@@ -90,6 +90,48 @@ def _without_kv_cache(model):
         yield
     finally:
         config.use_cache = True
+
+
+CAUSAL = "mtc_causal"
+"""The attention implementation Hugging Face models trace with when nothing but causality masks them."""
+
+
+@contextlib.contextmanager
+def _causal_attention_without_mask(model, kwargs):
+    """A Hugging Face model given no attention_mask builds a dense (batch, 1, T, T) causal mask under export
+    (it skips it only when not tracing) and hands it to SDPA: 16 GiB at 128k tokens, and no flash kernel.
+    With full attention in every layer (no sliding windows) and SDPA chosen, it traces instead with
+    transformers' registered-attention hooks: no mask, and SDPA with is_causal=True, the same attention.
+    The config is as it was afterwards."""
+    config = getattr(model, "config", None)
+    layer_types = getattr(config, "layer_types", None) or ()
+    sliding = getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
+    if (getattr(config, "_attn_implementation", None) != "sdpa" or kwargs.get("attention_mask") is not None
+            or sliding or any(t != "full_attention" for t in layer_types)):
+        yield
+        return
+    try:
+        from transformers import AttentionInterface
+        from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+        from transformers.masking_utils import AttentionMaskInterface
+    except ImportError:  # a transformers without the hooks: its own mask, as before
+        yield
+        return
+
+    def causal_attention(module, query, key, value, attention_mask, **options):
+        # Keys and values repeated for grouped queries, as mtc's own Llama does: SDPA's enable_gqa traced on
+        # CUDA fake tensors gave the keys' head count to the output (torch 2.13).
+        groups = getattr(module, "num_key_value_groups", 1)
+        return sdpa_attention_forward(module, query, repeat_kv(key, groups), repeat_kv(value, groups), None,
+                                      **options)
+
+    AttentionInterface.register(CAUSAL, causal_attention)
+    AttentionMaskInterface.register(CAUSAL, lambda *args, **options: None)
+    config._attn_implementation = CAUSAL
+    try:
+        yield
+    finally:
+        config._attn_implementation = "sdpa"
 
 
 def _trace_fx(model, args, kwargs) -> Traced:

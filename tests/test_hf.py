@@ -298,3 +298,26 @@ def test_the_load_benchmark_loads_trains_and_matches_transformers(tmp_path, caps
     assert result["losses"][0] == pytest.approx(result["transformers_first_loss"], rel=1e-6)
     assert result["rss_peak_during_load"]["RssAnon"] >= result["rss_after_load"]["RssAnon"] > 0
     assert "tiny: 164,416 parameters" in capsys.readouterr().out
+
+
+def test_causal_attention_traces_without_a_dense_mask():
+    # Given no attention_mask, Hugging Face builds a (batch, 1, T, T) mask under export (16 GiB at 128k tokens,
+    # and no flash kernel); full-attention models trace instead with SDPA's is_causal and no mask. A padding
+    # mask the user passes is kept.
+    model = transformers.AutoModelForCausalLM.from_config(CONFIGS["qwen2"]())
+    ids = torch.randint(0, 256, (2, 16))
+
+    def attention_and_block_inputs(example):
+        planned = mtc.plan(model, "2MB", example, device="cpu")
+        block = planned.partition.stages[1]
+        sdpa = next(n for n in block.template.graph.nodes if "scaled_dot_product_attention" in str(n.target))
+        mask = sdpa.args[3] if len(sdpa.args) > 3 else sdpa.kwargs.get("attn_mask")
+        causal = sdpa.args[5] if len(sdpa.args) > 5 else sdpa.kwargs.get("is_causal", False)
+        return mask, causal, len(block.inputs)
+
+    mask, causal, inputs = attention_and_block_inputs({"input_ids": ids, "labels": ids})
+    assert mask is None and causal is True and inputs == 3  # hidden states, cos, sin
+    assert model.config._attn_implementation == "sdpa"  # as it was
+    mask, causal, inputs = attention_and_block_inputs({"input_ids": ids, "labels": ids,
+                                                       "attention_mask": torch.ones_like(ids)})
+    assert mask is not None and causal is False and inputs == 4  # and the mask
