@@ -67,7 +67,7 @@ def trace_pass(model: torch.nn.Module, args: tuple, kwargs: dict,
         return _trace_fx(model, args, kwargs)
     except Exception as fx_error:  # fx fails on shape-dependent Python, **kwargs, ...
         try:
-            with _without_kv_cache(model), _causal_attention_without_mask(model, kwargs):
+            with _without_kv_cache(model), _causal_attention_without_mask(model, args, kwargs):
                 return _trace_export(model, args, kwargs, compute_dtype)
         except Exception as export_error:
             where = _user_frame(export_error) or _user_frame(fx_error) or "unknown location"
@@ -97,7 +97,7 @@ CAUSAL = "mtc_causal"
 
 
 @contextlib.contextmanager
-def _causal_attention_without_mask(model, kwargs):
+def _causal_attention_without_mask(model, args, kwargs):
     """A Hugging Face model given no attention_mask builds a dense (batch, 1, T, T) causal mask under export
     (it skips it only when not tracing) and hands it to SDPA: 16 GiB at 128k tokens, and no flash kernel.
     With full attention in every layer (no sliding windows) and SDPA chosen, it traces instead with
@@ -106,8 +106,9 @@ def _causal_attention_without_mask(model, kwargs):
     config = getattr(model, "config", None)
     layer_types = getattr(config, "layer_types", None) or ()
     sliding = getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
-    if (getattr(config, "_attn_implementation", None) != "sdpa" or kwargs.get("attention_mask") is not None
-            or sliding or any(t != "full_attention" for t in layer_types)):
+    mask = inspect.signature(model.forward).bind_partial(*args, **kwargs).arguments.get("attention_mask")
+    if (getattr(config, "_attn_implementation", None) != "sdpa" or mask is not None or sliding
+            or any(t != "full_attention" for t in layer_types)):
         yield
         return
     try:
