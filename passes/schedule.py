@@ -134,7 +134,8 @@ def schedule_pass(costs: Costs, gpu_mem: int, clip: bool, slots: int | None = No
     before the output head can beat one that ends at it: with clipping the CPU's updates then keep pace
     with the next forward instead of holding it back at its last stage. Activation policies: see
     _policies. Ties (within TIE) go to the plan that offloads fewest stages (PCIe time and host memory for
-    no gain), then has fewest token chunks, then streams fewest, then recomputes fewest, then has more slots. `resident=r` asks for exactly stages [0, r).
+    no gain), then has fewest token chunks, then streams fewest, then recomputes fewest, then has more
+    slots. `resident=r` asks for exactly stages [0, r).
     host_budget: host bytes the plan may use, host_bytes(schedule) what one uses: only plans within it count
     (more resident stages, fewer offloaded inputs use less); if none is, the one using least is returned,
     for the caller to refuse with its numbers.
