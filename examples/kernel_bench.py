@@ -159,6 +159,8 @@ def main(argv=None) -> int:
                         "sizes and warps instead")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
+    if args.sweep and (args.compile or args.loss_chunks):
+        parser.error("--sweep times launch rules only; --compile and --loss-chunks go with the comparison run")
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU")
     if args.tokens < 4096 or args.tokens % 4096:

@@ -161,17 +161,18 @@ def schedule_pass(costs: Costs, gpu_mem: int, clip: bool, slots: int | None = No
                 if key not in seen:
                     seen.add(key)
                     candidates.append((bound[tuple(kept)], len(candidates), chunks, k, kept))
-    options, predicted, least_host = [], {}, None
+    options, predicted, least_host = [], {}, (float("inf"), None)
     fastest = float("inf")
     for least, order, chunks, k, kept in sorted(candidates):  # likeliest first; the order breaks exact ties
         if least > fastest * (1 + TIE) * (1 + 1e-12):  # the margin: the simulation's float sums round
             break  # neither this nor any later candidate can be within TIE of the fastest
         for keep, offload in _policies(costs, gpu_mem, clip, k, kept, budget, chunks):
             plan = fixed_plan(costs, gpu_mem, clip, k, kept, keep, offload, chunks=chunks)
-            if host_budget is not None and host_bytes(plan) > host_budget:
-                if least_host is None or host_bytes(plan) < host_bytes(least_host):
-                    least_host = plan
-                continue
+            if host_budget is not None:
+                needs = host_bytes(plan)
+                if needs > host_budget:
+                    least_host = min(least_host, (needs, plan), key=lambda pair: pair[0])
+                    continue
             twin = (plan.slots, tuple(kept), tuple(plan.keep), tuple(plan.offload))  # chunked or not: same time
             if twin not in predicted:
                 predicted[twin] = predicted_step_seconds(lower(plan), profile)
@@ -179,7 +180,7 @@ def schedule_pass(costs: Costs, gpu_mem: int, clip: bool, slots: int | None = No
             options.append((predicted[twin], len(offload), chunks, count - len(kept), count - 1 - len(keep), -k,
                             order, plan))
     if not options:
-        return least_host or smallest_plan(costs, gpu_mem, clip, check=True)  # the latter raises, naming its need
+        return least_host[1] or smallest_plan(costs, gpu_mem, clip, check=True)  # the latter raises, naming its need
     return min((o for o in options if o[0] <= fastest * (1 + TIE)), key=lambda o: o[1:7])[7]
 
 
