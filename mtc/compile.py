@@ -12,6 +12,7 @@ import torch
 
 from mtc.codegen.patterns import kernels_pass
 from mtc.codegen.stream_plan import chrome_trace, lower
+from mtc.codegen.tiles import TILE_TOKENS
 from mtc.config import AdamW, format_bytes, parse_bytes
 from mtc.passes.costs import Costs, SymbolicCosts, costs_pass, reshaped, symbolic_costs
 from mtc.passes.partition import partition_pass
@@ -27,7 +28,7 @@ from mtc.runtime.store import FIXED_HOST_BYTES, HostMemoryError, StateStore, pla
 def compile(model: torch.nn.Module, gpu_mem="80GB", example=None, optimizer: AdamW | None = None,
             clip_grad_norm: float | None = None, device=None, compute_dtype: torch.dtype | None = None,
             init=None, cpu_threads: int | None = None, progress: bool = True, profile=None,
-            schedule: str = "solve", kernels="auto") -> "Step":
+            schedule: str = "solve", kernels="auto", tile_tokens: int = TILE_TOKENS) -> "Step":
     """Plan and build a streamed training step for `model`, called exactly as `example` calls it.
 
     A model built on the meta device is initialised block by block straight into the host store:
@@ -41,6 +42,8 @@ def compile(model: torch.nn.Module, gpu_mem="80GB", example=None, optimizer: Ada
     GPU, none on the CPU), "all", "none", some of "rmsnorm", "swiglu", "rope", "linear_cross_entropy", or
     some as "-name" (switched off). The plan's "kernels:" line says what went in where. The fused loss never
     makes the logits, so a model that returns them beside the loss returns None there.
+    tile_tokens: tokens per tile when a recomputed block runs what follows its attention in token tiles
+    (codegen/tiles); the plan's "token tiles:" line says which blocks do.
     """
     device = _device(device)
     optimizer = optimizer if optimizer is not None else AdamW()
@@ -53,9 +56,11 @@ def compile(model: torch.nn.Module, gpu_mem="80GB", example=None, optimizer: Ada
     if init is not None and not callable(init):
         raise TypeError(f"init={init!r} is not callable; expected None or a function init(module)")
     settings = dict(model=model, example=example, optimizer=optimizer, clip_grad_norm=clip_grad_norm, device=device,
-                    compute_dtype=compute_dtype, cpu_threads=cpu_threads, profile=profile, kernels=kernels)
+                    compute_dtype=compute_dtype, cpu_threads=cpu_threads, profile=profile, kernels=kernels,
+                    tile_tokens=tile_tokens)
     planned = plan(model, gpu_mem, example, clip=clip_grad_norm is not None, device=device,
-                   compute_dtype=compute_dtype, profile=profile, schedule=schedule, kernels=kernels)
+                   compute_dtype=compute_dtype, profile=profile, schedule=schedule, kernels=kernels,
+                   tile_tokens=tile_tokens)
     store = StateStore([s.params for s in planned.partition.stages], planned.partition.shared_params,
                        planned.params, planned.buffers, planned.compute_dtype, device, model=model, init=init,
                        progress=progress, resident=planned.plan.schedule.resident)
@@ -84,7 +89,7 @@ class Planned:
         """The costs pass for another batch and sequence length, on the same trace and partition."""
         inputs = reshaped(self.inputs, *self.shape, batch, seq)
         return costs_pass(self.partition, self.params, self.buffers, inputs, self.compute_dtype,
-                          self.traced.unflatten_output)
+                          self.traced.unflatten_output, self.tile_tokens)
 
     def symbolic_costs(self) -> SymbolicCosts:
         """Each stage's bytes and FLOPs as polynomials of batch b and sequence length s (fitted once)."""
@@ -99,14 +104,17 @@ SCHEDULES = ("solve", "spine")
 
 
 def plan(model, gpu_mem="80GB", example=None, clip: bool = False, device=None, compute_dtype=None,
-         profile=None, host_mem=None, schedule: str = "solve", kernels="auto") -> Planned:
+         profile=None, host_mem=None, schedule: str = "solve", kernels="auto",
+         tile_tokens: int = TILE_TOKENS) -> Planned:
     """Run the planning passes only: nothing is allocated, so a meta-device model plans for free.
 
     host_mem: host RAM to plan for (default: the profile's); a plan whose store would not fit is refused.
-    schedule: "solve" or "spine" (see compile).
+    schedule: "solve" or "spine" (see compile). tile_tokens: as in compile.
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule={schedule!r} is not valid; expected one of {', '.join(map(repr, SCHEDULES))}")
+    if isinstance(tile_tokens, bool) or not isinstance(tile_tokens, int) or tile_tokens < 1:
+        raise ValueError(f"tile_tokens={tile_tokens!r} is not valid; expected a number of tokens >= 1")
     gpu_mem = parse_bytes(gpu_mem, "gpu_mem")
     host_mem = parse_bytes(host_mem, "host_mem") if host_mem is not None else None
     device = _device(device, must_exist=False)
@@ -128,7 +136,8 @@ def plan(model, gpu_mem="80GB", example=None, clip: bool = False, device=None, c
     params = dict(model.named_parameters())
     buffers = {**dict(model.named_buffers()), **traced.constants}
     inputs = traced.flatten_inputs(args, kwargs)
-    costs = timed("costs", costs_pass, partition, params, buffers, inputs, compute_dtype, traced.unflatten_output)
+    costs = timed("costs", costs_pass, partition, params, buffers, inputs, compute_dtype, traced.unflatten_output,
+                  tile_tokens)
     # Unless given: a profile `mtc probe` saved for this GPU, else the shipped one for its name.
     profile = resolve_profile(profile) if profile is not None else profile_for(
         device, device_known=device.type != "cuda" or torch.cuda.is_available())
@@ -155,9 +164,11 @@ def plan(model, gpu_mem="80GB", example=None, clip: bool = False, device=None, c
               "compute_dtype": str(compute_dtype).replace("torch.", ""), "chain": partition.chain,
               "profile": profile.to_json(), "passes": timings, "host_bytes": host_bytes, "host_mem": host_mem,
               "not_chunkable": {s.name: r.why_not for s, r in zip(partition.stages, costs.row_axes) if r.why_not},
-              "inputs": [_describe(v) for v in inputs], "kernels": kernels_used}
+              "inputs": [_describe(v) for v in inputs], "kernels": kernels_used,
+              "tails": {t.name: t.tail if isinstance(t.tail, str) else t.tail.describe() for t in partition.templates}}
     planned = Planned(plan=Plan(header, templates, stream_plan), traced=traced, partition=partition, costs=costs,
                       params=params, buffers=buffers, compute_dtype=compute_dtype, device=device, inputs=inputs,
+                      tile_tokens=tile_tokens,
                       input_specs=[_describe(v) for v in inputs], input_names=list(partition.graph_inputs))
     if os.environ.get("MTC_DEBUG"):
         write_debug_directory(planned, profile)
@@ -212,7 +223,7 @@ class Step:
         planned = plan(settings["model"], gpu_mem if gpu_mem is not None else self.plan.schedule.gpu_mem,
                        settings["example"], clip=settings["clip_grad_norm"] is not None, device=settings["device"],
                        compute_dtype=settings["compute_dtype"], profile=settings["profile"], schedule=schedule,
-                       kernels=settings["kernels"])
+                       kernels=settings["kernels"], tile_tokens=settings["tile_tokens"])
         if [s.params for s in planned.partition.stages] != [s.params for s in self._planned.partition.stages]:
             raise ValueError("the new example partitions the model differently; compile it again instead")
         self._engine = None  # its device buffers go before the new plan's are made

@@ -85,6 +85,7 @@ class Plan:
             f"{len(schedule.stages) - len(schedule.keep) - len(schedule.offload) - 1} recompute from their input"
             + _chunks_line(schedule),
             _row_check_line(schedule, h.get("not_chunkable", {})),
+            _tiles_line(schedule, h.get("tails", {})),
             f"device peak {format_bytes(schedule.peak_bytes)} of {format_bytes(schedule.gpu_mem)}",
             f"per step: {format_bytes(sum(i.bytes for i in self.stream_plan.on('h2d')))} in, "
             f"{format_bytes(sum(i.bytes for i in self.stream_plan.on('d2h')))} out; profile '{profile.name}' "
@@ -116,6 +117,22 @@ def _row_check_line(schedule, not_chunkable: dict) -> str:
     return text + (f"; not {'; '.join(reasons.values())}" if reasons else "")
 
 
+def _tiles_line(schedule, tails: dict) -> str:
+    """Which stages run what follows their attention in token tiles; each template's tail, or why it has none."""
+    tiled = [i for i in range(len(schedule.stages)) if schedule.tiled(i)]
+    found = {template: text for template, text in tails.items() if text.endswith("`")}  # Tail.describe()
+    if not found:
+        reasons = "; ".join(f"{template}: {why}" for template, why in tails.items())
+        return f"token tiles: none ({reasons})" if reasons else "token tiles: none"
+    described = "; ".join(f"{template} ({text})" for template, text in found.items())
+    if not tiled:
+        return (f"token tiles: none at this shape (tiles of at most {schedule.tile_tokens} tokens lower no "
+                f"recomputed or offloaded stage's working set); could tile: {described}")
+    tiles = schedule.stages[tiled[0]].tiles
+    return (f"token tiles: {len(tiled)} stages run the part after their attention in {tiles} tiles of at most "
+            f"{schedule.tile_tokens} tokens {_ranges(tiled)} (marked ~{tiles}); {described}")
+
+
 def _chunks_line(schedule) -> str:
     chunked = schedule.chunked()
     if not chunked:
@@ -145,9 +162,11 @@ def stage_table(stages, stream_plan=None, profile=None) -> str:
         header += f"  {'weights':<13}{'activations':<12}{'in/step':>12}{'out/step':>12}{'fwd ms':>9}{'bwd ms':>9}{'AdamW ms':>10}"
     lines = [header]
     for index, s in enumerate(stages):
+        tiled = stream_plan is not None and s.name != "shared" and stream_plan.schedule.tiled(index)
+        work = (s.tiled_forward_bytes, s.tiled_backward_bytes) if tiled else (s.forward_bytes, s.backward_bytes)
         line = (f"{s.name:<18}{s.template:<16}{s.params:>14,}{format_bytes(s.weight_bytes):>12}"
-                f"{format_bytes(s.saved_bytes):>12}{format_bytes(s.forward_bytes):>12}"
-                f"{format_bytes(s.backward_bytes):>12}{s.forward_flops / 1e9:>11.1f}")
+                f"{format_bytes(s.saved_bytes):>12}{format_bytes(work[0]):>12}"
+                f"{format_bytes(work[1]):>12}{s.forward_flops / 1e9:>11.1f}")
         if stream_plan is not None:
             line += "  " + _stage_plan(stream_plan, profile, SHARED if s.name == "shared" else index)
         lines.append(line)
@@ -169,5 +188,7 @@ def _stage_plan(stream_plan, profile, stage: int) -> str:
     activations = stream_plan.schedule.policy(stage) if stage != SHARED else "-"
     if stage != SHARED and stream_plan.schedule.chunks_of(stage) > 1:
         activations += f"/{stream_plan.schedule.chunks_of(stage)}"  # in that many token chunks
+    if stage != SHARED and stream_plan.schedule.tiled(stage):
+        activations += f"~{stream_plan.schedule.stages[stage].tiles}"  # its tail in that many token tiles
     return (f"{where:<13}{activations:<12}{format_bytes(moved_in) if moved_in else '-':>12}{format_bytes(moved_out) if moved_out else '-':>12}"
             f"{total(('forward',)):>9.1f}{total(('loss', 'backward')):>9.1f}{total(('optimizer',)):>10.1f}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 from dataclasses import dataclass
 
 import sympy
@@ -16,8 +17,11 @@ import torch.nn.functional as F
 import torch.utils._pytree as pytree
 from torch.utils.flop_counter import FlopCounterMode
 
+from mtc.codegen.tiles import TILE_TOKENS, TokenTiles
+
 from .partition import Partition, resolve_output
 from .rows import RowAxes, StageRows
+from .tiles import UNKNOWN, TokenAxes, find_tail
 
 
 class LossError(TypeError):
@@ -57,6 +61,11 @@ class StageCost:
     """forward_bytes and backward_bytes for one row of the batch (when rows > 0): a chunk's working set
     lies between them and the whole batch's, linearly in its rows."""
     one_row_backward_bytes: int = 0
+    tiles: int = 0
+    """Token tiles the stage's position-wise tail (passes/tiles) runs in at this shape; 0 when it has none."""
+    tiled_forward_bytes: int = 0
+    """forward_bytes and backward_bytes with the tail in those tiles (a recomputed stage's, codegen/tiles)."""
+    tiled_backward_bytes: int = 0
 
 
 @dataclass
@@ -72,10 +81,12 @@ class Costs:
     """How to find the loss in the model output: ('tensor',), ('attr', 'loss') or ('key', 'loss')."""
     row_axes: list[StageRows] = dataclasses.field(default_factory=list)
     """Per stage: where its inputs and outputs hold the batch's rows, or why it cannot run in chunks."""
+    tile_tokens: int = TILE_TOKENS
+    """Tokens per tile of a tiled tail (StageCost.tiles)."""
 
 
 def costs_pass(partition: Partition, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
-               inputs: list, compute_dtype: torch.dtype, unflatten_output) -> Costs:
+               inputs: list, compute_dtype: torch.dtype, unflatten_output, tile_tokens: int = TILE_TOKENS) -> Costs:
     meta = lambda t: torch.empty(t.shape, dtype=t.dtype, device="meta") if isinstance(t, torch.Tensor) else t  # noqa: E731
     env = dict(zip(partition.graph_inputs, (meta(v) for v in inputs)))
     weights = {name: torch.empty(p.shape, dtype=_compute(p, compute_dtype), device="meta", requires_grad=True)
@@ -86,6 +97,10 @@ def costs_pass(partition: Partition, params: dict[str, torch.Tensor], buffers: d
     rows = next((v.shape[0] for v in inputs if isinstance(v, torch.Tensor) and v.dim() >= 2), 1)
     row_env = {name: 0 if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == rows else None
                for name, v in env.items()}
+    # The tokens: axis 1 of every input that leads with (batch, sequence).
+    shape = next((tuple(v.shape[:2]) for v in inputs if isinstance(v, torch.Tensor) and v.dim() >= 2), None)
+    token_env = {name: None if not isinstance(v, torch.Tensor) or v.dim() == 0
+                 else 1 if shape and tuple(v.shape[:2]) == shape else UNKNOWN for name, v in env.items()}
     results, row_axes = [], []
     for index, stage in enumerate(partition.stages):
         stage_inputs = [env[name] for name in stage.inputs]
@@ -93,19 +108,25 @@ def costs_pass(partition: Partition, params: dict[str, torch.Tensor], buffers: d
         args = weights_and_buffers + stage_inputs
         function = stage.template.function("meta")
         placeholders = [n.name for n in function.graph.nodes if n.op == "placeholder"]
-        tracker = RowAxes(rows, dict(zip(placeholders[len(weights_and_buffers):],
-                                         (row_env[name] for name in stage.inputs))))
-        profile = _MemoryProfile(function, tracker)
+        input_placeholders = placeholders[len(weights_and_buffers):]
+        tracker = RowAxes(rows, dict(zip(input_placeholders, (row_env[name] for name in stage.inputs))))
+        tokens = TokenAxes(shape[1] if shape else 1, dict(zip(input_placeholders,
+                                                              (token_env[name] for name in stage.inputs))))
+        profile = _MemoryProfile(function, [tracker, tokens])
         saved = _SavedForBackward(known=args)
         with FlopCounterMode(display=False) as flops, saved, torch.enable_grad():
             outputs = profile.run(*args)
         env.update(zip(stage.outputs, outputs))
-        output_axes = tracker.output_axes(next(n for n in function.graph.nodes if n.op == "output"))
+        output_axes = tracker.output_axes(output_node(function))
         input_axes = [row_env[name] for name in stage.inputs]
         why_not = tracker.why_not or (None if any(a is not None for a in input_axes)
                                       else "no input holds the batch's rows")
         row_axes.append(StageRows(input_axes, output_axes, why_not))
         row_env.update(zip(stage.outputs, [None] * len(stage.outputs) if tracker.mixing else output_axes))
+        token_env.update(zip(stage.outputs, tokens.output_axes(output_node(function))))
+        if stage.template.tail is None:
+            stage.template.tail = find_tail(function.graph, tokens)
+        tiled = _tiled_costs(stage.template, args, own_bytes_of(stage, weights, shared), tile_tokens)
         one_row = None
         if why_not is None:  # the working sets of one row: a chunk's lie between those and the batch's
             one_row, one_row_saved = _MemoryProfile(function), _SavedForBackward(known=weights_and_buffers)
@@ -113,7 +134,7 @@ def costs_pass(partition: Partition, params: dict[str, torch.Tensor], buffers: d
                 one_row.run(*weights_and_buffers, *(_one_row(v, a, rows) for v, a in
                                                     zip(stage_inputs, row_axes[-1].inputs)))
         own = [p for p in stage.params if p not in shared]
-        own_bytes = sum(weights[p].nbytes for p in own)
+        own_bytes = own_bytes_of(stage, weights, shared)
         grad_bytes = own_bytes  # in the compute dtype until it reaches the host
         saved_inputs = sum(t.nbytes for t in stage_inputs if isinstance(t, torch.Tensor))
         activations = min(saved.bytes, profile.saved_total)  # as _backward_bytes counts them
@@ -124,7 +145,7 @@ def costs_pass(partition: Partition, params: dict[str, torch.Tensor], buffers: d
             saved_inputs, profile.peak_forward, _backward_bytes(profile, own_bytes, saved.bytes),
             int(flops.get_total_flops()) + profile.attention_flops, activations, offloadable,
             rows if one_row else 0, one_row.peak_forward if one_row else 0,
-            _backward_bytes(one_row, own_bytes, one_row_saved.bytes) if one_row else 0))
+            _backward_bytes(one_row, own_bytes, one_row_saved.bytes) if one_row else 0, *tiled))
 
     output = unflatten_output(resolve_output(partition.output, env))
     loss, how = find_loss(output)
@@ -141,14 +162,60 @@ def costs_pass(partition: Partition, params: dict[str, torch.Tensor], buffers: d
                                 0, 0, 0, 0)
     buffer_bytes = sum(b.nbytes for b in buffers.values() if isinstance(b, torch.Tensor))
     resident = buffer_bytes + (shared_cost.weight_bytes + shared_cost.grad_bytes if shared_cost else 0)
-    return Costs(results, resident, shared_cost, grad_inputs, how, row_axes)
+    return Costs(results, resident, shared_cost, grad_inputs, how, row_axes, tile_tokens)
+
+
+def output_node(function: fx.GraphModule) -> fx.Node:
+    return next(n for n in reversed(function.graph.nodes) if n.op == "output")
+
+
+def own_bytes_of(stage, weights: dict, shared: set) -> int:
+    """Bytes of the weights that stream with the stage (not the shared ones)."""
+    return sum(weights[p].nbytes for p in stage.params if p not in shared)
+
+
+def _tiled_costs(template, args: list, own_bytes: int, tile_tokens: int) -> tuple[int, int, int]:
+    """(tiles, forward bytes, backward bytes) of the stage with its tail in token tiles; zeros without a tail."""
+    if isinstance(template.tail, str):
+        return 0, 0, 0
+    profile, saved = _MemoryProfile(template.function("meta", tile_tokens)), _SavedForBackward(known=args)
+    with saved, torch.enable_grad():
+        profile.run(*args)
+    # What the tail leaves for the rest of the backward: its (unfilled) outputs, which the replay holds until
+    # the backward ends, and its inputs' whole gradients, alive through attention's backward. 8B at 128k
+    # tokens measured 13.4 GiB for a tiled block's backward on the H100 where the sum without them gave 11.6.
+    return (profile.tiles, profile.peak_forward,
+            _backward_bytes(profile, own_bytes, saved.bytes) + profile.tile_carried_bytes)
+
+
+def _tile_bytes(tiles: TokenTiles, args: list, outputs) -> tuple[int, int, int]:
+    """(tiles, bytes a tiled tail's backward holds besides its inputs, bytes it leaves to the rest of the
+    stage's backward). The first: one tile's recomputed working set, the whole gradients of its
+    token-carrying inputs, the fp32 sums of its weights' gradients. The second: those whole gradients and
+    the tail's outputs."""
+    spans = tiles.tiles(args)
+    start, count = spans[0]
+    piece = tiles.slice(args, tiles.input_axes, tiles.positions(args), start, count)
+    leaves = [torch.empty(v.shape, dtype=v.dtype, device="meta").requires_grad_(v.requires_grad)
+              if isinstance(v, torch.Tensor) else v for v in piece]
+    profile, saved = _MemoryProfile(tiles.tail), _SavedForBackward(known=leaves)
+    with saved, torch.enable_grad():
+        profile.run(*leaves)
+    differentiated = [(v, a) for v, a in zip(args, tiles.input_axes) if isinstance(v, torch.Tensor) and v.requires_grad]
+    tile_weight_grads = sum(leaf.nbytes for leaf, a in zip(leaves, tiles.input_axes)
+                            if isinstance(leaf, torch.Tensor) and leaf.requires_grad and a is None)
+    whole_grads = sum(v.nbytes for v, a in differentiated if a is not None)
+    sums = sum(4 * v.numel() for v, a in differentiated if a is None)
+    output_bytes = sum(t.nbytes for t in outputs if isinstance(t, torch.Tensor))
+    return (len(spans), _backward_bytes(profile, tile_weight_grads, saved.bytes) + whole_grads + sums,
+            whole_grads + output_bytes)
 
 
 def _backward_bytes(profile: "_MemoryProfile", weight_grad_bytes: int, saved_bytes: int) -> int:
     """A recomputed backward's working set: the activations, two of the largest intermediate's size for
     the gradients in flight, the weight gradients, and the largest working set a kernel allocates inside."""
     return (min(saved_bytes, profile.saved_total) + 2 * profile.largest + weight_grad_bytes
-            + max(profile.transients.values(), default=0))
+            + max([*profile.transients.values(), *profile.backward_transients.values()], default=0))
 
 
 def _one_row(value, axis: int | None, rows: int):
@@ -233,13 +300,18 @@ def _attention_flops(query, key, value, is_causal: bool) -> int:
 class _MemoryProfile(fx.Interpreter):
     """Runs a template on meta tensors and records, per node, the bytes it allocates (views: none)."""
 
-    def __init__(self, module, rows: RowAxes | None = None):
+    def __init__(self, module, trackers=()):
         super().__init__(module)
         self.sizes = {}
         self.transients = {}
         """Bytes a node allocates and frees again while it runs (a kernel's working set)."""
+        self.backward_transients = {}
+        """The same for a node's backward only."""
         self.attention_flops = 0
-        self.rows = rows
+        self.trackers = trackers
+        """passes/rows.RowAxes and passes/tiles.TokenAxes: each visits every node."""
+        self.tiles = self.tile_carried_bytes = 0
+        """Token tiles of the tiled tail the template calls, if it calls one, and what its backward leaves."""
 
     def call_function(self, target, args, kwargs):
         if target in ATTENTION:
@@ -251,16 +323,26 @@ class _MemoryProfile(fx.Interpreter):
     def run_node(self, node):
         result = super().run_node(node)
         args, kwargs = self.fetch_args_kwargs_from_env(node)
-        if self.rows is not None:
-            self.rows.visit(node, args, kwargs, result)
+        for tracker in self.trackers:
+            tracker.visit(node, args, kwargs, result)
         if node.op not in ("placeholder", "output"):
             tensors = [t for t in pytree.tree_leaves(result) if isinstance(t, torch.Tensor)]
-            self.sizes[node] = sum(t.nbytes for t in tensors if t._base is None)
+            # One of several results (getitem of a tuple) was counted with the node that made them.
+            picked = node.target is operator.getitem and isinstance(args[0], (tuple, list))
+            self.sizes[node] = 0 if picked else sum(t.nbytes for t in tensors if t._base is None)
         declared = getattr(node.target, "working_bytes", None) if node.op == "call_function" else None
         if declared is not None:  # a kernel's own allocations, which the graph does not show (codegen/patterns)
             held, transient = declared(*args, **kwargs)
             self.sizes[node] += held
             self.transients[node] = transient
+        if node.op == "call_function" and node.target in ATTENTION:
+            # Fused attention's backward makes dq, dk and dv at once, and flash attention accumulates dq
+            # in fp32 besides: 8B at 224k tokens went 4 GiB over its plan without this.
+            query, key, value, _ = _attention_args(*args, **kwargs)
+            self.backward_transients[node] = 3 * query.nbytes + key.nbytes + value.nbytes
+        if node.op == "call_module" and isinstance(self.fetch_attr(node.target), TokenTiles):
+            self.tiles, self.transients[node], self.tile_carried_bytes = _tile_bytes(
+                self.fetch_attr(node.target), args, result)
         return result
 
     @property
@@ -296,8 +378,10 @@ MONOMIALS = (sympy.Integer(1), BATCH, SEQ, BATCH * SEQ, SEQ**2, BATCH * SEQ**2)
 """Terms a stage's bytes and FLOPs are made of: weights (1), per-sequence tables (s, s^2), per-token
 activations and matmuls (b*s), attention (b*s^2)."""
 SHAPED = ("saved_bytes", "forward_bytes", "backward_bytes", "forward_flops", "activation_bytes", "offload_bytes",
-          "rows", "one_row_forward_bytes", "one_row_backward_bytes")
+          "rows", "one_row_forward_bytes", "one_row_backward_bytes", "tiles", "tiled_forward_bytes",
+          "tiled_backward_bytes")
 """StageCost fields that depend on the input shapes; the others (weights, gradients) do not."""
+TILED = ("tiles", "tiled_forward_bytes", "tiled_backward_bytes")
 
 
 @dataclass
@@ -339,7 +423,9 @@ def symbolic_costs(costs_at, batch: int, seq: int) -> SymbolicCosts:
             values = sympy.Matrix([getattr(c.stages[index], name) for c in samples])
             expression = sum(c * m for c, m in zip(inverse * values, MONOMIALS))
             exact = expression.subs({BATCH: 3 * batch, SEQ: 4 * seq}) == getattr(check.stages[index], name)
-            fields[name] = sympy.expand(expression) if exact else None
+            # Tiles step with the tokens: a grid below one tile's worth would extrapolate no tiling.
+            tiled = name in TILED and samples[0].stages[index].tiles
+            fields[name] = sympy.expand(expression) if exact and not tiled else None
         expressions.append(fields)
     return SymbolicCosts(samples[0], expressions, costs_at)  # grid[0] is the example's own shape
 

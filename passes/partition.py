@@ -39,21 +39,36 @@ class Template:
     """Local weight names (block prefix stripped), in placeholder order."""
     n_buffers: int
     n_inputs: int
+    tail: object = None
+    """passes/tiles.Tail: the nodes after the last attention that keep tokens apart; a str saying why
+    there are none; None until the costs pass has looked."""
     _compiled: dict = field(default_factory=dict, repr=False)
 
-    def function(self, device) -> fx.GraphModule:
-        """The template as a callable for one device. Export bakes the trace-time device into
-        factory calls and moves (arange(..., device='cpu'), x.to('cpu')); those constants are pointed at
-        `device`."""
+    def function(self, device, tile_tokens: int | None = None) -> fx.GraphModule:
+        """The template as a callable for one device; with tile_tokens, its tail runs in token tiles of that
+        many tokens (codegen/tiles). Export bakes the trace-time device into factory calls and moves
+        (arange(..., device='cpu'), x.to('cpu')); those constants are pointed at `device`."""
         device = torch.device(device)
-        if device not in self._compiled:
-            graph = copy.deepcopy(self.graph)
-            for node in graph.nodes:
-                if isinstance(node.kwargs.get("device"), (torch.device, str)):
-                    node.update_kwarg("device", device)
-                node.args = tuple(device if isinstance(a, torch.device) else a for a in node.args)
-            self._compiled[device] = fx.GraphModule(torch.nn.Module(), graph, class_name=self.name)
-        return self._compiled[device]
+        key = device, tile_tokens
+        if key not in self._compiled:
+            root, graph = torch.nn.Module(), self.graph
+            if tile_tokens is not None:
+                from mtc.codegen.tiles import TokenTiles, tiled_graph  # codegen builds on passes
+
+                graph, tail_graph = tiled_graph(graph, self.tail)
+                root.token_tiles = TokenTiles(_on_device(tail_graph, device), self.tail, tile_tokens)
+            self._compiled[key] = fx.GraphModule(root, _on_device(graph, device), class_name=self.name)
+        return self._compiled[key]
+
+
+def _on_device(graph: fx.Graph, device: torch.device) -> fx.Graph:
+    """A copy of `graph` with its device constants pointed at `device`."""
+    graph = copy.deepcopy(graph)
+    for node in graph.nodes:
+        if isinstance(node.kwargs.get("device"), (torch.device, str)):
+            node.update_kwarg("device", device)
+        node.args = tuple(device if isinstance(a, torch.device) else a for a in node.args)
+    return graph
 
 
 @dataclass

@@ -79,6 +79,8 @@ class Schedule:
     (StageCost.rows) runs its forward and its backward this many rows-chunks at a time, its weights in
     their slot throughout and its weight gradients summed over the chunks; its working set shrinks with
     the chunk, what it keeps between forward and backward does not."""
+    tile_tokens: int = 0
+    """Tokens per tile of the stages whose tail runs in token tiles (tiled())."""
 
     def policy(self, stage: int) -> str:
         """'keep', 'recompute' or 'offload': what the stage's backward starts from, and where it waits."""
@@ -89,7 +91,16 @@ class Schedule:
     def chunks_of(self, stage: int) -> int:
         """How many token chunks the stage runs in (1: the whole batch at once)."""
         rows = self.stages[stage].rows
-        return min(self.chunks, rows) if rows > 1 and self.policy(stage) != "keep" else 1
+        if self.chunks == 1 or rows <= 1 or self.policy(stage) == "keep" or self.tiled(stage):
+            return 1
+        return min(self.chunks, rows)
+
+    def tiled(self, stage: int) -> bool:
+        """Whether the stage runs its position-wise tail in token tiles (codegen/tiles): when it recomputes or
+        offloads (a replay's tail costs nothing then), has more than one tile's worth of tokens and needs
+        less memory so (the tiles' whole input gradients and fp32 weight gradients outweigh small tokens)."""
+        cost = self.stages[stage]
+        return cost.tiles > 1 and cost.tiled_backward_bytes < cost.backward_bytes and self.policy(stage) != "keep"
 
     def chunked(self) -> list[int]:
         """The stages that run in token chunks."""
@@ -319,7 +330,7 @@ def fixed_plan(costs: Costs, gpu_mem: int, clip: bool, slots: int, resident: lis
     schedule = Schedule(stages, costs.shared, uses, slots, slot_bytes, resident_bytes, gpu_mem, clip, 0,
                         sorted(resident), sorted(set(keep) - {count - 1}),
                         sorted(i for i in set(offload) - set(keep) - {count - 1} if stages[i].offload_bytes),
-                        chunks)
+                        chunks, costs.tile_tokens)
     peak, where = peak_memory(schedule)
     schedule.peak_bytes = peak
     budget = int(gpu_mem * (1 - ALLOCATOR_HEADROOM))
@@ -361,6 +372,8 @@ def forward_work_bytes(schedule: Schedule, stage: int) -> int:
     the next stage's inputs)."""
     cost = schedule.stages[stage]
     chunks = schedule.chunks_of(stage)
+    if schedule.tiled(stage):
+        return cost.tiled_forward_bytes
     if chunks == 1:
         return cost.forward_bytes
     outputs = schedule.stages[stage + 1].saved_bytes
@@ -373,7 +386,9 @@ def backward_work_bytes(schedule: Schedule, stage: int) -> int:
     chunks, a chunk's working set, the whole input gradients they fill and the weight gradients summed so far."""
     cost = schedule.stages[stage]
     chunks = schedule.chunks_of(stage)
-    if chunks > 1:
+    if schedule.tiled(stage):
+        work = cost.tiled_backward_bytes
+    elif chunks > 1:
         work = (_chunk_bytes(cost.backward_bytes, cost.one_row_backward_bytes, cost.rows, chunks)
                 + cost.saved_bytes + cost.grad_bytes)
     else:

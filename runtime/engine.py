@@ -124,7 +124,9 @@ class Engine:
         if store.shared:
             self.shared_weights = torch.empty(store.shared.numel, dtype=compute_dtype, device=device)
             self.shared_grad = torch.zeros(store.shared.numel, dtype=torch.float32, device=device)
-        self.functions = [stage.template.function(device) for stage in partition.stages]
+        schedule = plan.schedule
+        self.functions = [stage.template.function(device, schedule.tile_tokens if schedule.tiled(i) else None)
+                          for i, stage in enumerate(partition.stages)]
         self.worker = Worker()
         # The thread holds no reference to the engine, so the engine can be collected; this also runs at exit.
         weakref.finalize(self, self.worker.stop)

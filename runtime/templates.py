@@ -3,7 +3,8 @@
 A stage's autograd graph covers that stage alone (its inputs and weights are detached leaves), and
 the backward calls torch.autograd.grad over it. Two activation policies:
 - recompute: the forward runs without autograd and keeps only its inputs; the backward replays it (same
-  RNG state, buffers protected from a second update) with the weights on the device again;
+  RNG state, buffers protected from a second update) with the weights on the device again (a tail in
+  token tiles is not run by the replay but by its own backward, codegen/tiles);
 - keep: the forward records autograd's graph and it lives until the backward. A streamed stage's
   weights sit in a slot that other stages overwrite in between, so what autograd saves from the slot is
   kept as a place in it and read back from the slot holding the weights at the backward.
@@ -14,6 +15,8 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
+
+from mtc.codegen.tiles import replaying
 
 
 @dataclass
@@ -126,7 +129,7 @@ def backward(fn, weights: list, buffers: list, kept: Kept, carries_grad: list[bo
     now = _rng_state(device)
     _set_rng_state(kept.rng, device)
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), replaying():
             outputs = fn(*leaves_w, *buffers, *leaves_x)
     finally:  # the step's own random stream goes on as if no replay had happened
         _set_rng_state(now, device)

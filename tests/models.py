@@ -71,7 +71,7 @@ def BatchNormLM():  # noqa: N802 - a model, as the other builders here
 
 
 def run_both(model, gpu_mem, clip=None, steps=5, kwargs=False, hp=None, seed=0, schedule="solve", replan=None,
-             shape=(2, 8), kernels=()):
+             shape=(2, 8), kernels=(), **compile_options):
     """Train a copy eagerly with torch.optim.AdamW and the model with mtc on token batches of `shape`;
     return both. replan={step index: Step.replan keyword arguments} switches plans before that step."""
     hp = hp or mtc.AdamW(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
@@ -79,7 +79,7 @@ def run_both(model, gpu_mem, clip=None, steps=5, kwargs=False, hp=None, seed=0, 
     call = (lambda ids, labels: {"input_ids": ids, "labels": labels}) if kwargs else (lambda ids, labels: (ids, labels))
     example = call(*tokens(*shape, seed=1000))
     step = mtc.compile(model, gpu_mem=gpu_mem, example=example, optimizer=hp, clip_grad_norm=clip, device="cpu",
-                       schedule=schedule, kernels=kernels)
+                       schedule=schedule, kernels=kernels, **compile_options)
     # fused=True: the same AdamW kernel mtc runs. The for-loop variant rounds differently, and AdamW
     # turns a rounding difference in a near-zero gradient into an lr-sized one (measured: 2.6e-5).
     optimizer = torch.optim.AdamW(reference.parameters(), lr=hp.lr, betas=hp.betas, eps=hp.eps,

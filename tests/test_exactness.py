@@ -70,10 +70,10 @@ def test_offloaded_inputs_train_exactly(name, monkeypatch):
     assert_same_training(step, reference, losses, reference_losses)
 
 
-@pytest.mark.parametrize("gpu_mem, chunks", [("5.8MB", 2), ("4.6MB", 4), ("15MB", 1)])
+@pytest.mark.parametrize("gpu_mem, chunks", [("7MB", 2), ("4.8MB", 4), ("15MB", 1)])
 def test_token_chunks_give_eagers_gradients_and_losses(gpu_mem, chunks):
-    """Tight budgets for a batch of 4 rows: at 5.8MB 2 token chunks make room for the head to stay on the
-    device; at 4.6MB the whole batch fits no plan and the blocks run one row at a time (weight
+    """Tight budgets for a batch of 4 rows: at 7MB 2 token chunks make room for the head to stay on the
+    device; at 4.8MB the whole batch fits no plan and the blocks run one row at a time (weight
     gradients summed over the chunks, input gradients joined). A step's gradients are eager's up to the
     rounding of a different summation order (bitwise equal without chunks), and 5 steps' losses are
     eager's within 1e-5. The weights after AdamW are not compared at 1e-5: AdamW's normalisation turns
@@ -100,6 +100,42 @@ def test_token_chunks_give_eagers_gradients_and_losses(gpu_mem, chunks):
             assert error <= (1e-5 if chunks > 1 else 0.0), f"{piece.name}: {error:.2e}"
     torch.manual_seed(0)
     _, _, losses, reference_losses = run_both(llama(), gpu_mem, clip=1.0, shape=(4, 64))
+    assert losses == pytest.approx(reference_losses, rel=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(1, 1024), (2, 512)])
+def test_token_tiles_give_eagers_gradients_and_losses(shape):
+    """At 20MB the blocks offload their inputs and run what follows their attention in 4 tiles of 256 tokens
+    (1024 tokens a step: one sequence, or two of 512 tiled along the positions of both). Tiled weight
+    gradients are eager's up to the summation order (the others bitwise), the tail runs once per tile in
+    the forward and once in the backward (a replay skips it), and 5 steps' losses are eager's within 1e-5."""
+    torch.manual_seed(0)
+    model = llama()
+    reference = copy.deepcopy(model)
+    step = mtc.compile(model, gpu_mem="20MB", example=tokens(*shape, seed=1000), device="cpu",
+                       optimizer=mtc.AdamW(lr=0.0), tile_tokens=256)
+    s = step.plan.schedule
+    tiled = [i for i in range(len(s.stages)) if s.tiled(i)]
+    assert tiled == list(range(1, 8)) and all(s.stages[i].tiles == 4 for i in tiled)
+    assert s.offload == tiled and s.chunked() == []
+    runs = []  # the tiled blocks share one function: count its tail's runs on real tensors
+    step._engine.functions[tiled[0]].token_tiles.tail.register_forward_hook(
+        lambda module, args, out: runs.append(1) if not out[0].is_meta else None)
+    batch = tokens(*shape, seed=0)
+    assert float(step(*batch)) == pytest.approx(reference(*batch).item(), rel=1e-6)
+    assert len(runs) == len(tiled) * 4 * 2
+    reference(*batch).backward()
+    step.synchronize()
+    expected = {name: p.grad for name, p in reference.named_parameters()}
+    tail_weights = ("attn.o.", "norm2.", "mlp.")
+    for group in step._store.groups:
+        for piece in group.slices:
+            error = float((Group.view(group.grad, piece) - expected[piece.name]).abs().max()
+                          / expected[piece.name].abs().max())
+            in_a_tail = any(f"layers.{i - 1}.{part}" in piece.name for i in tiled for part in tail_weights)
+            assert error <= (1e-5 if in_a_tail else 0.0), f"{piece.name}: {error:.2e}"
+    torch.manual_seed(0)
+    _, _, losses, reference_losses = run_both(llama(), "20MB", clip=1.0, shape=shape, tile_tokens=256)
     assert losses == pytest.approx(reference_losses, rel=1e-5)
 
 

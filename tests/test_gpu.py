@@ -159,6 +159,32 @@ def test_token_chunks_on_the_gpu_give_eagers_gradients():
             assert error <= 1e-5, f"{piece.name}: {error:.2e}"
 
 
+@pytest.mark.parametrize("kernels", ["none", "all"])
+def test_token_tiles_on_the_gpu_give_eagers_gradients(kernels):
+    """One sequence of 1024 tokens, the blocks' tails in 4 tiles of 256 (fp32): one step's gradients are
+    eager's on the GPU up to summation order, with the Triton kernels in the tail or without them."""
+    from mtc.runtime.store import Group
+    torch.manual_seed(0)
+    model = llama()
+    reference = copy.deepcopy(model).cuda()
+    ids, labels = (t.cuda() for t in tokens(1, 1024, seed=0))
+    step = mtc.compile(model, gpu_mem="20MB", example=(ids, labels), optimizer=mtc.AdamW(lr=0.0),
+                       device="cuda", compute_dtype=torch.float32, kernels=kernels, tile_tokens=256)
+    schedule = step.plan.schedule
+    assert sum(schedule.tiled(i) for i in range(len(schedule.stages))) >= 4
+    loss = float(step(ids, labels))
+    expected = reference(ids, labels)
+    expected.backward()
+    step.synchronize()
+    assert loss == pytest.approx(expected.item(), rel=1e-5)
+    grads = {name: p.grad for name, p in reference.named_parameters()}
+    for group in step._store.groups:
+        for piece in group.slices:
+            mine = Group.view(group.grad, piece).to(grads[piece.name].device)
+            error = float((mine - grads[piece.name]).abs().max() / grads[piece.name].abs().max())
+            assert error <= 1e-5, f"{piece.name}: {error:.2e}"
+
+
 def test_a_checkpoint_of_a_gpu_step_resumes_its_trajectory(tmp_path):
     from safetensors.torch import load_file
 
