@@ -37,6 +37,7 @@ import torch
 import mtc
 from mtc.codegen.patterns import kernel_names
 from mtc.codegen.stream_plan import STREAMS, busy_seconds
+from mtc.codegen.tiles import TILE_TOKENS
 from mtc.config import format_bytes, parse_bytes
 from mtc.examples import models
 from mtc.examples.baselines import HYPERPARAMETERS
@@ -49,11 +50,13 @@ GB = 1e9
 
 def run(preset: str, batch: tuple[int, int], gpu_mem: str = "80GB", steps: int = 5, warmup: int = 2,
         clip: float | None = 1.0, vs: tuple[str, ...] = (), trace_path: str | None = None,
-        cpu_threads: int | None = None, peer_timeout_s: float | None = None, progress=None, kernels="auto") -> dict:
+        cpu_threads: int | None = None, peer_timeout_s: float | None = None, progress=None, kernels="auto",
+        tile_tokens: int = TILE_TOKENS, traced: bool = True) -> dict:
     """mtc on `preset` at `batch`, then each baseline named in `vs` (mtc.examples.baselines.BASELINES) in a
     process of its own, once this process has let go of mtc's host and device memory; one that runs past
     peer_timeout_s is stopped and reported failed. progress(result, name) is called as each system's
-    figures come in (name "mtc" first), with the result so far."""
+    figures come in (name "mtc" first), with the result so far. traced=False leaves out the two steps
+    timed per instruction (lanes, bounds, overlap), which at long sequences take minutes."""
     if not torch.cuda.is_available():
         raise RuntimeError("mtc bench measures a GPU and torch sees none")
     device = torch.device("cuda", torch.cuda.current_device())
@@ -75,8 +78,10 @@ def run(preset: str, batch: tuple[int, int], gpu_mem: str = "80GB", steps: int =
     model = models.build(preset, device="meta")
     params = models.parameter_count(model)
     step = mtc.compile(model, gpu_mem=gpu_mem, example=inputs[0], clip_grad_norm=clip, device=device,
-                       init=models.init_weights, cpu_threads=cpu_threads, optimizer=HYPERPARAMETERS, kernels=kernels)
+                       init=models.init_weights, cpu_threads=cpu_threads, optimizer=HYPERPARAMETERS, kernels=kernels,
+                       tile_tokens=tile_tokens)
     store = step._store
+    schedule = step.plan.schedule
     mine = {"params": params, "compile_s": time.perf_counter() - started, "slots": step.plan.schedule.slots,
             "planned_peak_bytes": step.plan.schedule.peak_bytes, "predicted_step_s": step.plan.predicted_step_seconds(),
             "kept_activations": len(step.plan.schedule.keep), "offloaded_inputs": len(step.plan.schedule.offload),
@@ -84,11 +89,13 @@ def run(preset: str, batch: tuple[int, int], gpu_mem: str = "80GB", steps: int =
             "host_state_bytes": store.host_bytes, "host_state_params": store.host_params,
             "host_state_bytes_per_param": store.host_bytes / max(1, store.host_params),
             "resident_stages": len(step.plan.schedule.resident), "stages": len(step.plan.schedule.stages),
+            "tiled_stages": sum(schedule.tiled(i) for i in range(len(schedule.stages))), "tile_tokens": tile_tokens,
             "cpu_threads": step._engine.cpu_threads}
     mine["host_rss_added_bytes_per_param"] = (_rss_bytes() - rss_before) / params
     mine.update(time_steps(lambda i, step=step: step(*inputs[i % 2]), step.synchronize, steps, warmup, tokens, params,
                             device))
-    mine.update(_traced_steps(step, inputs, result["ceilings"], mine["step_s"], trace_path))
+    if traced:
+        mine.update(_traced_steps(step, inputs, result["ceilings"], mine["step_s"], trace_path))
     mine["peak_host_rss_bytes"] = peak_rss_bytes()
     mine["peak_host_rss_bytes_per_param"] = mine["peak_host_rss_bytes"] / params
     mine["within_gpu_mem"] = mine["peak_gpu_reserved_bytes"] <= parse_bytes(gpu_mem, "gpu_mem")
@@ -402,6 +409,8 @@ def table(result: dict) -> str:
         lines.append(f"{label:<36}" + "".join(f"{cell:>{width}}" for cell in cells))
     lines += [why for why in (_why_not(name, theirs) for name, theirs in systems.items()) if why]
     mine = result["mtc"]
+    if "bounds_s" not in mine:  # untraced
+        return "\n".join(lines + [f"mtc: within gpu_mem: {_yes(mine['within_gpu_mem'])}; not traced"])
     bounds = ", ".join(f"{k} {v:.3f}" for k, v in mine["bounds_s"].items())
     lines += [f"mtc: lower bound {mine['lower_bound_s']:.3f} s ({mine['bound_by']}; {bounds}); "
               f"achieved/bound {mine['achieved_over_bound']:.2f}; within gpu_mem: {_yes(mine['within_gpu_mem'])}",

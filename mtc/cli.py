@@ -14,6 +14,7 @@ import torch
 import mtc
 from mtc.codegen.patterns import KERNELS
 from mtc.codegen.stream_plan import chrome_trace
+from mtc.codegen.tiles import TILE_TOKENS
 from mtc.config import format_bytes, parse_bytes
 from mtc.passes.schedule import ALLOCATOR_HEADROOM, MemoryBudgetError, smallest_plan
 from mtc.plan import stage_table
@@ -92,6 +93,8 @@ def main(argv=None) -> int:
     bench.add_argument("--peer-timeout", type=float, default=3600, metavar="SECONDS",
                        help="stop a --vs peer that runs longer, and report it failed (default 3600)")
     bench.add_argument("--trace", metavar="PATH", help="write two measured steps as a Chrome/Perfetto trace")
+    bench.add_argument("--no-trace", action="store_true",
+                       help="leave out the two steps timed per instruction (lanes, bounds), minutes at long sequences")
     bench.add_argument("--json", metavar="PATH", help="write every figure as JSON (rewritten as each system finishes)")
     bench.add_argument("--cpu-threads", type=int, default=None,
                        help="threads for the CPU optimizer (default: all cores but four)")
@@ -133,6 +136,9 @@ def _model_arguments(parser, batch: str, gpu_mem: str, preset: str = "tiny"):
                         help="Triton kernels in place of the patterns they replace: auto (all on a GPU, none "
                              f"on the CPU), all, none, some of {','.join(KERNELS)}, or some as -name (switched "
                              "off, as --kernels=-rope) (default: auto)")
+    parser.add_argument("--tile-tokens", type=int, default=TILE_TOKENS, metavar="TOKENS",
+                        help="tokens per tile when a recomputed block runs what follows its attention in token "
+                             f"tiles (default {TILE_TOKENS})")
 
 
 def _model_directory_argument(parser) -> None:
@@ -182,7 +188,7 @@ def _train(args) -> int:
     if args.resume:
         # The first batch only shows the shapes; the checkpoint says how many the run had read.
         step = mtc.load(checkpoint, source.meta_model(), gpu_mem=args.gpu_mem, example=next(stream),
-                        device=args.device, kernels=args.kernels)
+                        device=args.device, kernels=args.kernels, tile_tokens=args.tile_tokens)
         saved = {k: v for k, v in step.data_position.items() if k != "batches"}
         if saved != data_order:
             raise ValueError(f"--resume: the checkpoint in {checkpoint} read its data as {saved}, not as "
@@ -195,6 +201,7 @@ def _train(args) -> int:
         example = next(stream)
         stream = itertools.chain([example], stream)
         step = source.compile(gpu_mem=args.gpu_mem, example=example, device=args.device, kernels=args.kernels,
+                              tile_tokens=args.tile_tokens,
                               optimizer=mtc.AdamW(lr=args.lr, weight_decay=args.weight_decay),
                               clip_grad_norm=args.clip or None)
     print(step.plan.summary())
@@ -309,7 +316,7 @@ def _plan(args) -> int:
     def plan_for(tokens: int):
         ids = torch.empty(batch, tokens, dtype=torch.long, device="meta")
         return mtc.plan(model, gpu_mem, {"input_ids": ids, "labels": ids}, clip=bool(args.clip), device=device,
-                        profile=args.profile, host_mem=host_mem, kernels=args.kernels)
+                        profile=args.profile, host_mem=host_mem, kernels=args.kernels, tile_tokens=args.tile_tokens)
 
     if args.max_seq:
         seq, base, why = _longest_sequence(plan_for, batch, gpu_mem, bool(args.clip), args.max_seq)
@@ -440,6 +447,8 @@ def _bench(args) -> int:
     parse_bytes(args.gpu_mem, "--gpu-mem")
     if args.peer_timeout <= 0:
         raise ValueError(f"--peer-timeout={args.peer_timeout} is not valid; expected seconds > 0")
+    if args.trace and args.no_trace:
+        raise ValueError("--trace writes the traced steps that --no-trace leaves out; give one of them")
 
     def progress(result: dict, name: str) -> None:  # what ran so far is kept should a later system hang
         print(bench.summary(name, result["mtc"] if name == "mtc" else result["vs"][name]), file=sys.stderr,
@@ -454,7 +463,8 @@ def _bench(args) -> int:
         result = bench.run(args.preset, _batch(args.batch), gpu_mem=args.gpu_mem, steps=args.steps,
                            warmup=args.warmup, clip=args.clip or None, vs=_baselines(args.vs),
                            trace_path=args.trace, cpu_threads=args.cpu_threads, peer_timeout_s=args.peer_timeout,
-                           progress=progress, kernels=args.kernels)
+                           progress=progress, kernels=args.kernels, tile_tokens=args.tile_tokens,
+                           traced=not args.no_trace)
     finally:
         signal.signal(signal.SIGTERM, previous)
     print(bench.table(result))

@@ -208,10 +208,17 @@ def test_an_output_with_a_loss_entry_trains_on_that_loss():
 
 
 def test_cli_finds_the_longest_sequence_that_fits(capsys):
-    assert main(["plan", "--preset", "125m", "--batch", "2x128", "--gpu-mem", "3GB", "--max-seq", "65536"]) == 0
-    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("longest sequence that fits: "))
-    seq = int(line.split()[4])
-    assert 128 <= seq < 65536 and seq % 128 == 0
+    def longest(*options):
+        assert main(["plan", "--preset", "125m", "--batch", "2x128", "--gpu-mem", "3GB", "--max-seq", "131072",
+                     *options]) == 0
+        line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("longest sequence that fits: "))
+        return int(line.split()[4]), line
+
+    seq, line = longest()
+    assert 128 <= seq < 131072 and seq % 128 == 0
+    # Without token tiles (one tile larger than any sequence) the MLP's working set stops it sooner.
+    untiled, _ = longest("--tile-tokens", str(2**40))
+    assert 128 <= untiled < seq
     model = models.build("125m", device="meta")
 
     def plan(tokens):
@@ -222,10 +229,7 @@ def test_cli_finds_the_longest_sequence_that_fits(capsys):
         plan(seq + 128)
     assert f"at {seq + 128} tokens the GPU's working set stops it: gpu_mem=2.79 GiB" in line
     # With less host RAM the state moves to the GPU while it can; then host RAM is what stops the sequence.
-    assert main(["plan", "--preset", "125m", "--batch", "2x128", "--gpu-mem", "3GB", "--host-mem", "7GB",
-                 "--max-seq", "65536"]) == 0
-    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("longest sequence that fits: "))
-    host_seq = int(line.split()[4])
+    host_seq, line = longest("--host-mem", "7GB")
     assert 128 <= host_seq < seq and f"at {host_seq + 128} tokens host RAM stops it: host_mem=6.52 GiB" in line
 
 
