@@ -7,7 +7,9 @@ What is counted (printed with the results too):
   consecutive ends (the CPU updates of a step overlap the next one, so each interval pays for one
   step's updates). The mean over the same steps is in the JSON as mean_step_s.
 - model TFLOP/s: 6 * P * T per step (P: every parameter, embedding and head included, tied ones once;
-  T: tokens per step). Recomputation and attention's T^2 terms are not counted.
+  T: tokens per step). Recomputation and attention's T^2 terms are not counted. mtc's JSON also has
+  tflops_with_attention: 3x the forward FLOPs the costs pass counts (every matmul, and attention's
+  QK^T and PV with the causal half skipped), recomputation not counted.
 - lower bound: the busiest resource in one measured step: compute-stream busy time, bytes copied in /
   the measured pinned host-to-device rate, bytes copied out / the device-to-host rate, the CPU
   optimizer's busy time; achieved/bound = bound / measured step time.
@@ -94,6 +96,7 @@ def run(preset: str, batch: tuple[int, int], gpu_mem: str = "80GB", steps: int =
     mine["host_rss_added_bytes_per_param"] = (_rss_bytes() - rss_before) / params
     mine.update(time_steps(lambda i, step=step: step(*inputs[i % 2]), step.synchronize, steps, warmup, tokens, params,
                             device))
+    mine["tflops_with_attention"] = 3 * sum(s.forward_flops for s in schedule.stages) / mine["step_s"] / 1e12
     if traced:
         mine.update(_traced_steps(step, inputs, result["ceilings"], mine["step_s"], trace_path))
     mine["peak_host_rss_bytes"] = peak_rss_bytes()
@@ -409,6 +412,8 @@ def table(result: dict) -> str:
         lines.append(f"{label:<36}" + "".join(f"{cell:>{width}}" for cell in cells))
     lines += [why for why in (_why_not(name, theirs) for name, theirs in systems.items()) if why]
     mine = result["mtc"]
+    if "tflops_with_attention" in mine:
+        lines.append(f"mtc: {mine['tflops_with_attention']:.0f} model TFLOP/s counting attention's causal half too")
     if "bounds_s" not in mine:  # untraced
         return "\n".join(lines + [f"mtc: within gpu_mem: {_yes(mine['within_gpu_mem'])}; not traced"])
     bounds = ", ".join(f"{k} {v:.3f}" for k, v in mine["bounds_s"].items())

@@ -57,6 +57,15 @@ def test_the_table_puts_every_system_side_by_side_and_says_why_one_did_not_run()
     assert "deepspeed: not installed: deepspeed is not importable" in lines
 
 
+def test_an_untraced_run_says_so_and_counts_attention_in_its_tflops():
+    mine = _figures(2.0, within_gpu_mem=True, tflops_with_attention=123.4)
+    result = {"preset": "8b", "batch": "1x131072", "gpu_mem": "80GB", "clip": 1.0, "device": "GPU", "date": "today",
+              "mtc": mine}
+    lines = bench.table(result).splitlines()
+    assert "mtc: 123 model TFLOP/s counting attention's causal half too" in lines
+    assert lines[-1] == "mtc: within gpu_mem: yes; not traced"
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", list(BASELINES))
 def test_each_installed_baseline_trains_the_tiny_preset(name):
