@@ -152,9 +152,11 @@ def plan(model, gpu_mem="80GB", example=None, clip: bool = False, device=None, c
     timed("validate", validate, stream_plan, profile)
     host_bytes = planned_host_bytes(schedule, compute_dtype, device)
     if host_mem is not None and host_bytes + FIXED_HOST_BYTES > host_mem:
+        offloaded = sum(schedule.stages[i].offload_bytes for i in schedule.offload)
+        inputs = f"; {format_bytes(offloaded)} of it the offloaded block inputs" if offloaded else ""
         raise HostMemoryError(
             f"host_mem={format_bytes(host_mem)} is too small: the training state needs {format_bytes(host_bytes)} "
-            f"(fp32 master and two moments, plus the bf16 copy that streams, for every streamed parameter) and "
+            f"(fp32 master and two moments, plus the bf16 copy that streams, for every streamed parameter{inputs}) and "
             f"about {format_bytes(FIXED_HOST_BYTES)} more for the process; keep more stages on the GPU (a larger "
             f"gpu_mem) or use a host with {format_bytes(host_bytes + FIXED_HOST_BYTES)}")
     templates = {}

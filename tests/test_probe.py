@@ -137,3 +137,9 @@ def test_the_solver_keeps_to_host_memory_by_offloading_less():
     with pytest.raises(HostMemoryError, match=r"host_mem=90.00 GiB is too small: the training state needs 86.48 GiB"):
         mtc.plan(_TrainedModel("8b").meta_model(), "80GB", {"input_ids": ids, "labels": ids}, clip=True,
                  device="cuda", profile="h100", host_mem="90GiB")
+    # Past 215,552 tokens every plan that fits the GPU offloads block inputs, and the refusal counts them.
+    ids = torch.empty(1, 215680, dtype=torch.long, device="meta")
+    with pytest.raises(HostMemoryError, match=r"for every streamed parameter; \d+\.\d\d GiB of it the offloaded "
+                                              r"block inputs\)"):
+        mtc.plan(_TrainedModel("8b").meta_model(), "80GB", {"input_ids": ids, "labels": ids}, clip=True,
+                 device="cuda", profile="h100")
