@@ -102,6 +102,7 @@ def costs_pass(partition: Partition, params: dict[str, torch.Tensor], buffers: d
     token_env = {name: None if not isinstance(v, torch.Tensor) or v.dim() == 0
                  else 1 if shape and tuple(v.shape[:2]) == shape else UNKNOWN for name, v in env.items()}
     results, row_axes = [], []
+    tiled_by_signature = {}  # equal blocks at equal shapes: one tiled profile, not one per block
     for index, stage in enumerate(partition.stages):
         stage_inputs = [env[name] for name in stage.inputs]
         weights_and_buffers = [weights[p] for p in stage.params] + [meta(buffers[b]) for b in stage.buffers]
@@ -126,7 +127,12 @@ def costs_pass(partition: Partition, params: dict[str, torch.Tensor], buffers: d
         token_env.update(zip(stage.outputs, tokens.output_axes(output_node(function))))
         if stage.template.tail is None:
             stage.template.tail = find_tail(function.graph, tokens)
-        tiled = _tiled_costs(stage.template, args, own_bytes_of(stage, weights, shared), tile_tokens)
+        own_bytes = own_bytes_of(stage, weights, shared)
+        signature = (stage.template.name, own_bytes, *(
+            (tuple(v.shape), v.dtype, v.requires_grad) if isinstance(v, torch.Tensor) else repr(v) for v in args))
+        if signature not in tiled_by_signature:
+            tiled_by_signature[signature] = _tiled_costs(stage.template, args, own_bytes, tile_tokens)
+        tiled = tiled_by_signature[signature]
         one_row = None
         if why_not is None:  # the working sets of one row: a chunk's lie between those and the batch's
             one_row, one_row_saved = _MemoryProfile(function), _SavedForBackward(known=weights_and_buffers)
@@ -134,7 +140,6 @@ def costs_pass(partition: Partition, params: dict[str, torch.Tensor], buffers: d
                 one_row.run(*weights_and_buffers, *(_one_row(v, a, rows) for v, a in
                                                     zip(stage_inputs, row_axes[-1].inputs)))
         own = [p for p in stage.params if p not in shared]
-        own_bytes = own_bytes_of(stage, weights, shared)
         grad_bytes = own_bytes  # in the compute dtype until it reaches the host
         saved_inputs = sum(t.nbytes for t in stage_inputs if isinstance(t, torch.Tensor))
         activations = min(saved.bytes, profile.saved_total)  # as _backward_bytes counts them
