@@ -86,7 +86,8 @@ class Costs:
 
 
 def costs_pass(partition: Partition, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
-               inputs: list, compute_dtype: torch.dtype, unflatten_output, tile_tokens: int = TILE_TOKENS) -> Costs:
+               inputs: list, compute_dtype: torch.dtype, unflatten_output,
+               tile_tokens: int = TILE_TOKENS) -> Costs:
     meta = lambda t: torch.empty(t.shape, dtype=t.dtype, device="meta") if isinstance(t, torch.Tensor) else t  # noqa: E731
     env = dict(zip(partition.graph_inputs, (meta(v) for v in inputs)))
     weights = {name: torch.empty(p.shape, dtype=_compute(p, compute_dtype), device="meta", requires_grad=True)
