@@ -167,7 +167,8 @@ def plan(model, gpu_mem="80GB", example=None, clip: bool = False, device=None, c
               "profile": profile.to_json(), "passes": timings, "host_bytes": host_bytes, "host_mem": host_mem,
               "not_chunkable": {s.name: r.why_not for s, r in zip(partition.stages, costs.row_axes) if r.why_not},
               "inputs": [_describe(v) for v in inputs], "kernels": kernels_used,
-              "tails": {t.name: t.tail if isinstance(t.tail, str) else t.tail.describe() for t in partition.templates}}
+              "tails": {t.name: t.tail.describe() for t in partition.templates if not isinstance(t.tail, str)},
+              "no_tail": {t.name: t.tail for t in partition.templates if isinstance(t.tail, str)}}
     planned = Planned(plan=Plan(header, templates, stream_plan), traced=traced, partition=partition, costs=costs,
                       params=params, buffers=buffers, compute_dtype=compute_dtype, device=device, inputs=inputs,
                       tile_tokens=tile_tokens,

@@ -85,7 +85,7 @@ class Plan:
             f"{len(schedule.stages) - len(schedule.keep) - len(schedule.offload) - 1} recompute from their input"
             + _chunks_line(schedule),
             _row_check_line(schedule, h.get("not_chunkable", {})),
-            _tiles_line(schedule, h.get("tails", {})),
+            _tiles_line(schedule, h.get("tails", {}), h.get("no_tail", {})),
             f"device peak {format_bytes(schedule.peak_bytes)} of {format_bytes(schedule.gpu_mem)}",
             f"per step: {format_bytes(sum(i.bytes for i in self.stream_plan.on('h2d')))} in, "
             f"{format_bytes(sum(i.bytes for i in self.stream_plan.on('d2h')))} out; profile '{profile.name}' "
@@ -117,14 +117,13 @@ def _row_check_line(schedule, not_chunkable: dict) -> str:
     return text + (f"; not {'; '.join(reasons.values())}" if reasons else "")
 
 
-def _tiles_line(schedule, tails: dict) -> str:
+def _tiles_line(schedule, tails: dict, no_tail: dict) -> str:
     """Which stages run what follows their attention in token tiles; each template's tail, or why it has none."""
     tiled = [i for i in range(len(schedule.stages)) if schedule.tiled(i)]
-    found = {template: text for template, text in tails.items() if text.endswith("`")}  # Tail.describe()
-    if not found:
-        reasons = "; ".join(f"{template}: {why}" for template, why in tails.items())
+    if not tails:
+        reasons = "; ".join(f"{template}: {why}" for template, why in no_tail.items())
         return f"token tiles: none ({reasons})" if reasons else "token tiles: none"
-    described = "; ".join(f"{template} ({text})" for template, text in found.items())
+    described = "; ".join(f"{template} ({text})" for template, text in tails.items())
     if not tiled:
         return (f"token tiles: none at this shape (tiles of at most {schedule.tile_tokens} tokens lower no "
                 f"recomputed or offloaded stage's working set); could tile: {described}")

@@ -62,7 +62,7 @@ def test_a_hugging_face_block_says_why_it_has_no_tail():
     model = transformers.AutoModelForCausalLM.from_config(config)
     ids = torch.randint(0, 128, (1, 16))
     planned = mtc.plan(model, "1GB", {"input_ids": ids, "labels": ids}, device="cpu")
-    tail = planned.plan.header["tails"]["LlamaDecoderLayer"]
+    tail = planned.plan.header["no_tail"]["LlamaDecoderLayer"]
     assert "sizes the row axis by a number written into the graph" in tail
 
 
