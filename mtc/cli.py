@@ -122,6 +122,12 @@ def _preset(name: str) -> str:
     return name
 
 
+def _tile_tokens(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not valid; expected a number of tokens >= 1")
+    return int(text)
+
+
 def _model_arguments(parser, batch: str, gpu_mem: str, preset: str = "tiny"):
     parser.add_argument("--preset", default=preset, type=_preset,
                         help=f"model shape: {', '.join(sorted(models.PRESETS))}, or one of them with another "
@@ -136,7 +142,7 @@ def _model_arguments(parser, batch: str, gpu_mem: str, preset: str = "tiny"):
                         help="Triton kernels in place of the patterns they replace: auto (all on a GPU, none "
                              f"on the CPU), all, none, some of {','.join(KERNELS)}, or some as -name (switched "
                              "off, as --kernels=-rope) (default: auto)")
-    parser.add_argument("--tile-tokens", type=int, default=TILE_TOKENS, metavar="TOKENS",
+    parser.add_argument("--tile-tokens", type=_tile_tokens, default=TILE_TOKENS, metavar="TOKENS",
                         help="tokens per tile when a recomputed block runs what follows its attention in token "
                              f"tiles (default {TILE_TOKENS})")
 

@@ -25,6 +25,20 @@ def test_a_baseline_without_a_gpu_says_so():
         "the baselines train on a CUDA GPU and torch sees none"
 
 
+def test_bench_refuses_trace_with_no_trace(capsys):
+    assert main(["bench", "--preset", "tiny", "--batch", "1x16", "--trace", "t.json", "--no-trace"]) == 2
+    assert "--trace writes the traced steps that --no-trace leaves out" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "2k"])
+def test_tile_tokens_is_refused_by_name_on_the_command_line(value, capsys):
+    with pytest.raises(SystemExit) as exit:  # argparse's own refusal, status 2
+        main(["plan", "--tile-tokens", value])
+    assert exit.value.code == 2
+    assert f"argument --tile-tokens: {value!r} is not valid; expected a number of tokens >= 1" in \
+        capsys.readouterr().err
+
+
 def test_vs_names_are_checked_before_anything_runs(capsys):
     assert main(["bench", "--preset", "tiny", "--batch", "1x16", "--vs", "eager,zero"]) == 2
     error = capsys.readouterr().err
