@@ -21,7 +21,7 @@ import time
 import torch
 
 import mtc
-from mtc.runtime.store import process_status_bytes
+from mtc.runtime.preflight import process_status_bytes
 
 RSS = ("RssAnon", "RssFile")  # the model's tensors, and the pages of the shard the reader has mapped
 

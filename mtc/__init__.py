@@ -7,6 +7,8 @@ from mtc.checkpoint import CheckpointError, from_pretrained, load, save
 from mtc.compile import Step, compile, plan
 from mtc.config import AdamW, parse_bytes
 from mtc.plan import Plan
+from mtc.runtime.engine import NonFiniteError
 
-__all__ = ["AdamW", "CheckpointError", "Plan", "Step", "compile", "from_pretrained", "load", "parse_bytes", "plan", "save"]
+__all__ = ["AdamW", "CheckpointError", "NonFiniteError", "Plan", "Step", "compile", "from_pretrained", "load",
+           "parse_bytes", "plan", "save"]
 __version__ = "0.1.0"

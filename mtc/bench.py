@@ -383,7 +383,7 @@ def _rss_bytes() -> int:
 def peak_rss_bytes() -> int:
     """This process's peak resident memory: VmHWM, which starts afresh at exec (ru_maxrss does not: a
     process started by subprocess reports at least its parent's peak)."""
-    from mtc.runtime.store import process_status_bytes
+    from mtc.runtime.preflight import process_status_bytes
 
     return process_status_bytes("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 

@@ -13,7 +13,7 @@ import torch
 from mtc.codegen.patterns import kernels_pass
 from mtc.codegen.stream_plan import chrome_trace, lower
 from mtc.codegen.tiles import TILE_TOKENS
-from mtc.config import AdamW, format_bytes, parse_bytes
+from mtc.config import AdamW, format_bytes, is_finite_number, parse_bytes
 from mtc.passes.costs import Costs, SymbolicCosts, costs_pass, reshaped, symbolic_costs
 from mtc.passes.partition import partition_pass
 from mtc.passes.schedule import fixed_plan, schedule_pass
@@ -21,14 +21,21 @@ from mtc.passes.trace import trace_pass
 from mtc.passes.validate import validate
 from mtc.plan import Plan
 from mtc.probe import profile_for, resolve_profile
-from mtc.runtime.engine import Engine
+from mtc.runtime.engine import Engine, NonFiniteError
+from mtc.runtime.preflight import available_host_bytes, check_gpu_memory, describe_host_memory, process_status_bytes
 from mtc.runtime.store import FIXED_HOST_BYTES, HostMemoryError, StateStore, planned_host_bytes
+from mtc.runtime.watchdog import Watchdog
+
+
+MAX_CONSECUTIVE_SKIPS = 10
+"""Skipped steps in a row that stop training: a run whose every step overflows is not going to recover."""
 
 
 def compile(model: torch.nn.Module, gpu_mem="80GB", example=None, optimizer: AdamW | None = None,
             clip_grad_norm: float | None = None, device=None, compute_dtype: torch.dtype | None = None,
             init=None, cpu_threads: int | None = None, progress: bool = True, profile=None,
-            schedule: str = "solve", kernels="auto", tile_tokens: int = TILE_TOKENS) -> "Step":
+            schedule: str = "solve", kernels="auto", tile_tokens: int = TILE_TOKENS, skip_nonfinite: bool = True,
+            max_consecutive_skips: int = MAX_CONSECUTIVE_SKIPS, watchdog: float | None = 10.0) -> "Step":
     """Plan and build a streamed training step for `model`, called exactly as `example` calls it.
 
     A model built on the meta device is initialised block by block straight into the host store:
@@ -44,23 +51,46 @@ def compile(model: torch.nn.Module, gpu_mem="80GB", example=None, optimizer: Ada
     makes the logits, so a model that returns them beside the loss returns None there.
     tile_tokens: tokens per tile when a recomputed block runs what follows its attention in token tiles
     (codegen/tiles); the plan's "token tiles:" line says which blocks do.
+    skip_nonfinite: a step whose loss or global gradient norm is not finite (inf or NaN) updates nothing:
+    weights, moments and step counts stay as they were, and step.skipped_steps names it. The updates then
+    wait for the global norm, as with clipping (without either, each block's update starts as its gradient
+    lands). max_consecutive_skips: that many skipped steps in a row raise NonFiniteError at the next call.
+    watchdog: report on stderr, with every thread's stack, a step still running after this many times the
+    plan's predicted step time (and at least runtime/watchdog.FLOOR_SECONDS); None: no watchdog.
     """
     device = _device(device)
     optimizer = optimizer if optimizer is not None else AdamW()
     if not isinstance(optimizer, AdamW):
         raise TypeError(f"optimizer={optimizer!r} is not supported; pass mtc.AdamW(lr=..., ...)")
-    if clip_grad_norm is not None and not (isinstance(clip_grad_norm, (int, float)) and clip_grad_norm > 0):
-        raise ValueError(f"clip_grad_norm={clip_grad_norm!r} is not valid; expected None or a number > 0")
-    if cpu_threads is not None and not (isinstance(cpu_threads, int) and cpu_threads >= 1):
-        raise ValueError(f"cpu_threads={cpu_threads!r} is not valid; expected None or an integer >= 1")
+    if clip_grad_norm is not None and not (is_finite_number(clip_grad_norm) and clip_grad_norm > 0):
+        raise ValueError(f"clip_grad_norm={clip_grad_norm!r} is not valid; expected None or a finite number > 0")
+    clip_grad_norm = float(clip_grad_norm) if clip_grad_norm is not None else None  # torch reads an int as int64
+    # More threads than cores only slow the update; a bool is an int to Python but no count of threads.
+    cores = os.cpu_count() or 1
+    if cpu_threads is not None and not (type(cpu_threads) is int and 1 <= cpu_threads <= cores):
+        raise ValueError(f"cpu_threads={cpu_threads!r} is not valid; expected None or an integer from 1 to {cores}, "
+                         f"the cores os.cpu_count() reports")
+    if not isinstance(progress, bool):
+        raise TypeError(f"progress={progress!r} is not valid; expected True or False")
     if init is not None and not callable(init):
         raise TypeError(f"init={init!r} is not callable; expected None or a function init(module)")
+    if not isinstance(skip_nonfinite, bool):
+        raise TypeError(f"skip_nonfinite={skip_nonfinite!r} is not valid; expected True or False")
+    if isinstance(max_consecutive_skips, bool) or not isinstance(max_consecutive_skips, int) \
+            or max_consecutive_skips < 1:
+        raise ValueError(f"max_consecutive_skips={max_consecutive_skips!r} is not valid; expected an integer >= 1")
+    if watchdog is not None and not (is_finite_number(watchdog) and watchdog >= 1):
+        raise ValueError(f"watchdog={watchdog!r} is not valid; expected None or a finite number >= 1 (a multiple of "
+                         f"the predicted step time)")
     settings = dict(model=model, example=example, optimizer=optimizer, clip_grad_norm=clip_grad_norm, device=device,
                     compute_dtype=compute_dtype, cpu_threads=cpu_threads, profile=profile, kernels=kernels,
-                    tile_tokens=tile_tokens)
+                    tile_tokens=tile_tokens, skip_nonfinite=skip_nonfinite, max_consecutive_skips=max_consecutive_skips,
+                    watchdog=watchdog)
+    # Preflight: nothing large is allocated before the device and the host are known to have room.
+    check_gpu_memory(parse_bytes(gpu_mem, "gpu_mem"), device)
     planned = plan(model, gpu_mem, example, clip=clip_grad_norm is not None, device=device,
                    compute_dtype=compute_dtype, profile=profile, schedule=schedule, kernels=kernels,
-                   tile_tokens=tile_tokens)
+                   tile_tokens=tile_tokens, skip_nonfinite=skip_nonfinite, **_host_budget(device))
     store = StateStore([s.params for s in planned.partition.stages], planned.partition.shared_params,
                        planned.params, planned.buffers, planned.compute_dtype, device, model=model, init=init,
                        progress=progress, resident=planned.plan.schedule.resident)
@@ -68,9 +98,11 @@ def compile(model: torch.nn.Module, gpu_mem="80GB", example=None, optimizer: Ada
 
 
 def _engine(planned: "Planned", store: StateStore, settings: dict) -> Engine:
+    factor = settings["watchdog"]
     return Engine(planned.plan.stream_plan, planned.partition, store, planned.costs.grad_inputs,
                   settings["optimizer"], settings["clip_grad_norm"], settings["device"], planned.compute_dtype,
-                  planned.traced.unflatten_output, settings["cpu_threads"], planned.costs.row_axes)
+                  planned.traced.unflatten_output, settings["cpu_threads"], planned.costs.row_axes,
+                  settings["skip_nonfinite"], Watchdog(planned.plan.predicted_step_seconds(), factor) if factor else None)
 
 
 class Planned:
@@ -101,16 +133,27 @@ class Planned:
 
 
 SCHEDULES = ("solve", "spine")
+COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+"""What compute_dtype may be: the floating dtypes the blocks run in (float8 has no CPU kernels for most ops)."""
 
 
 def plan(model, gpu_mem="80GB", example=None, clip: bool = False, device=None, compute_dtype=None,
          profile=None, host_mem=None, schedule: str = "solve", kernels="auto",
-         tile_tokens: int = TILE_TOKENS) -> Planned:
+         tile_tokens: int = TILE_TOKENS, skip_nonfinite: bool = True, host_mem_source: str | None = None) -> Planned:
     """Run the planning passes only: nothing is allocated, so a meta-device model plans for free.
 
-    host_mem: host RAM to plan for (default: the profile's); a plan whose store would not fit is refused.
-    schedule: "solve" or "spine" (see compile). tile_tokens: as in compile.
+    host_mem: host RAM to plan for (default: the profile's); a plan whose store would not fit is refused, naming
+    host_mem_source (where host_mem came from) if given.
+    clip: the step clips by the global gradient norm. schedule, tile_tokens, skip_nonfinite: as in compile
+    (with clip or skip_nonfinite, the updates wait for the global norm).
     """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model={type(model).__name__} is not valid; expected a torch.nn.Module")
+    if not isinstance(clip, bool):
+        raise TypeError(f"clip={clip!r} is not valid; expected True or False (whether the step clips gradients)")
+    if compute_dtype is not None and not (isinstance(compute_dtype, torch.dtype) and compute_dtype in COMPUTE_DTYPES):
+        raise ValueError(f"compute_dtype={compute_dtype!r} is not valid; expected None or one of "
+                         f"{', '.join(map(str, COMPUTE_DTYPES))}")
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule={schedule!r} is not valid; expected one of {', '.join(map(repr, SCHEDULES))}")
     if isinstance(tile_tokens, bool) or not isinstance(tile_tokens, int) or tile_tokens < 1:
@@ -120,7 +163,12 @@ def plan(model, gpu_mem="80GB", example=None, clip: bool = False, device=None, c
     device = _device(device, must_exist=False)
     compute_dtype = compute_dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     args, kwargs = _split_example(example)
+    for where, value in [*((f"example[{i}]", v) for i, v in enumerate(args)),
+                         *((f"example[{k!r}]", v) for k, v in kwargs.items())]:
+        if isinstance(value, torch.Tensor) and 0 in value.shape:  # the costs pass cuts batches and token tiles
+            raise ValueError(f"{where}={_describe(value)} is not valid: it holds nothing; expected every dimension >= 1")
     timings = {}
+    gated = clip or skip_nonfinite
 
     def timed(name, fn, *a):
         start = time.perf_counter()
@@ -143,9 +191,9 @@ def plan(model, gpu_mem="80GB", example=None, clip: bool = False, device=None, c
         device, device_known=device.type != "cuda" or torch.cuda.is_available())
     host_mem = host_mem or profile.host_bytes or None
     if schedule == "spine":
-        schedule = timed("schedule", lambda: fixed_plan(costs, gpu_mem, clip, slots=2, resident=[], check=True))
+        schedule = timed("schedule", lambda: fixed_plan(costs, gpu_mem, gated, slots=2, resident=[], check=True))
     else:
-        schedule = timed("schedule", schedule_pass, costs, gpu_mem, clip, None, None, profile,
+        schedule = timed("schedule", schedule_pass, costs, gpu_mem, gated, None, None, profile,
                          host_mem - FIXED_HOST_BYTES if host_mem else None,
                          lambda s: planned_host_bytes(s, compute_dtype, device))
     stream_plan = timed("lower", lower, schedule)
@@ -155,7 +203,8 @@ def plan(model, gpu_mem="80GB", example=None, clip: bool = False, device=None, c
         offloaded = sum(schedule.stages[i].offload_bytes for i in schedule.offload)
         inputs = f"; {format_bytes(offloaded)} of it the offloaded block inputs" if offloaded else ""
         raise HostMemoryError(
-            f"host_mem={format_bytes(host_mem)} is too small: the training state needs {format_bytes(host_bytes)} "
+            f"host_mem={format_bytes(host_mem)}{f', {host_mem_source},' if host_mem_source else ''} is too small: the "
+            f"training state needs {format_bytes(host_bytes)} "
             f"(fp32 master and two moments, plus the bf16 copy that streams, for every streamed parameter{inputs}) and "
             f"about {format_bytes(FIXED_HOST_BYTES)} more for the process; keep more stages on the GPU (a larger "
             f"gpu_mem) or use a host with {format_bytes(host_bytes + FIXED_HOST_BYTES)}")
@@ -213,20 +262,32 @@ class Step:
         self.data_position = None
         """What mtc.load gave back of the caller's data position (mtc.save's data_position)."""
 
-    def replan(self, gpu_mem=None, example=None, schedule: str = "solve", profile=None) -> "Step":
+    def replan(self, gpu_mem=None, example=None, schedule: str = "solve", profile=None, clip_grad_norm="same",
+               skip_nonfinite: bool | None = None) -> "Step":
         """A step for another budget or batch shape that trains the same state: the model is traced and
         planned again (nothing is re-initialised), stages move between host and device as the new plan
-        places them, and this step stops working (the new one owns the state). profile: as in compile
-        (default: this step's). If the new plan cannot be set up (out of device or host memory), the
-        state goes back where it was and this step keeps working."""
+        places them, and this step stops working (the new one owns the state). profile, clip_grad_norm,
+        skip_nonfinite: as in compile (default: this step's). If the new plan cannot be set up (out of device
+        or host memory), the state goes back where it was and this step keeps working."""
         self._retired()
+        if clip_grad_norm != "same" and clip_grad_norm is not None and \
+                not (is_finite_number(clip_grad_norm) and clip_grad_norm > 0):
+            raise ValueError(f"clip_grad_norm={clip_grad_norm!r} is not valid; expected 'same', None or a finite "
+                             f"number > 0")
+        if skip_nonfinite is not None and not isinstance(skip_nonfinite, bool):
+            raise TypeError(f"skip_nonfinite={skip_nonfinite!r} is not valid; expected None, True or False")
         self.synchronize()
         settings = {**self._settings, "example": example if example is not None else self._settings["example"],
                     "profile": profile if profile is not None else self._settings["profile"]}
+        if clip_grad_norm != "same":
+            settings["clip_grad_norm"] = float(clip_grad_norm) if clip_grad_norm is not None else None
+        if skip_nonfinite is not None:
+            settings["skip_nonfinite"] = skip_nonfinite
         planned = plan(settings["model"], gpu_mem if gpu_mem is not None else self.plan.schedule.gpu_mem,
                        settings["example"], clip=settings["clip_grad_norm"] is not None, device=settings["device"],
                        compute_dtype=settings["compute_dtype"], profile=settings["profile"], schedule=schedule,
-                       kernels=settings["kernels"], tile_tokens=settings["tile_tokens"])
+                       kernels=settings["kernels"], tile_tokens=settings["tile_tokens"],
+                       skip_nonfinite=settings["skip_nonfinite"], **_host_budget(settings["device"]))
         if [s.params for s in planned.partition.stages] != [s.params for s in self._planned.partition.stages]:
             raise ValueError("the new example partitions the model differently; compile it again instead")
         self._engine = None  # its device buffers go before the new plan's are made
@@ -234,7 +295,9 @@ class Step:
             self._free_cache()
             self._store.place(planned.plan.schedule.resident)
             self._free_cache()
-            return Step(planned, self._store, _engine(planned, self._store, settings), settings)
+            replanned = Step(planned, self._store, _engine(planned, self._store, settings), settings)
+            replanned.steps, replanned.data_position = self.steps, self.data_position  # the same run goes on
+            return replanned
         except BaseException:
             self._free_cache()
             self._store.place(self.plan.schedule.resident)
@@ -258,9 +321,35 @@ class Step:
             if _describe(value) != expected:
                 raise ValueError(f"step() argument {name!r} is {_describe(value)} but the plan was compiled for "
                                  f"{expected}; mtc plans for fixed shapes: compile again with this example")
+            if isinstance(value, torch.Tensor) and value.device.type not in ("cpu", self._settings["device"].type):
+                device = self._settings["device"]
+                raise ValueError(f"step() argument {name!r} is on {value.device}; expected a tensor on the CPU"
+                                 + (f" or on {device}" if device.type != "cpu" else ""))
+        self._stop_after_consecutive_skips()
         loss = self._engine.step(inputs)
         self.steps += 1
         return loss
+
+    def _stop_after_consecutive_skips(self) -> None:
+        engine, limit = self._engine, self._settings["max_consecutive_skips"]
+        unchecked = engine.step_index - engine.counted_steps  # issued steps the optimizer thread has not seen yet
+        if not engine.skip_nonfinite or engine.consecutive_skips + unchecked < limit:
+            return
+        self.synchronize()  # only near the limit: every issued step has landed or been skipped
+        if engine.consecutive_skips < limit:
+            return
+        skipped, engine.consecutive_skips = self.skipped_steps, 0  # a caller may lower lr and go on
+        raise NonFiniteError(
+            f"the last {limit} steps ({', '.join(map(str, skipped[-limit:]))}) each had a non-finite loss or "
+            f"gradient norm and were skipped (max_consecutive_skips={limit}); the weights and AdamW state are those "
+            f"after step {skipped[-limit] - 1}: save them, then lower the learning rate or check the data")
+
+    @property
+    def skipped_steps(self) -> list[int]:
+        """The steps (numbered from 1, as step.steps counts) whose loss or gradient norm was not finite and
+        which therefore updated nothing, as far as the CPU optimizer has got (synchronize() first for all)."""
+        first = self.steps - self._engine.step_index  # a loaded step goes on from the checkpoint's count
+        return [first + index + 1 for index in self._engine.skipped]
 
     def named_parameters(self):
         """(name, fp32 master weight) for every parameter, under the model's own names, once every
@@ -280,12 +369,23 @@ class Step:
         return self._engine.last_grad_norm
 
 
+def _host_budget(device: torch.device) -> dict:
+    """plan()'s host_mem for compile on a GPU: what the host can give now and what this process already holds
+    (the process's own share is part of FIXED_HOST_BYTES, which CUDA's libraries dominate); off Linux, the
+    profile's. On the CPU the store's own check against what is available suffices."""
+    available, held = available_host_bytes(), process_status_bytes("VmRSS") or 0
+    if available is None or device.type != "cuda":
+        return {}
+    return {"host_mem": available + held, "host_mem_source": f"what this host can give now "
+            f"({describe_host_memory()}) and the {format_bytes(held)} this process holds"}
+
+
 def _device(device, must_exist: bool = True) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(device)
-    except (RuntimeError, TypeError) as error:
+    except (RuntimeError, TypeError, ValueError) as error:  # ValueError: an index past int64
         raise ValueError(f"device={device!r} is not a device; expected None, 'cpu' or 'cuda[:N]'") from error
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"device={str(device)!r} is not supported; expected None, 'cpu' or 'cuda[:N]'")

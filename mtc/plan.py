@@ -79,7 +79,7 @@ class Plan:
             f"weight slots of {format_bytes(schedule.slot_bytes)} (AdamW on the host); "
             f"{len(schedule.resident)} resident {_ranges(schedule.resident)} (AdamW on the device); "
             f"{format_bytes(schedule.resident_bytes)} on the device all step"
-            f"{'; clip by global norm' if schedule.clip else ''}",
+            f"{'; updates wait for the global gradient norm' if schedule.clip else ''}",
             f"activations: {len(schedule.keep) + 1} stages keep theirs for the backward {_ranges(schedule.keep)} "
             f"and the last; {len(schedule.offload)} offload their input to the host{_ranges(schedule.offload, ' ')}; "
             f"{len(schedule.stages) - len(schedule.keep) - len(schedule.offload) - 1} recompute from their input"

@@ -21,7 +21,7 @@ import time
 import torch
 
 from mtc.config import A100, CPU, H100, H200, RTX4090, AdamW, HardwareProfile
-from mtc.runtime.store import host_meminfo
+from mtc.runtime.preflight import host_meminfo
 
 PROFILE_ENV = "MTC_PROFILE"
 

@@ -64,7 +64,8 @@ class Schedule:
     gpu_mem: int
     """The budget the plan was made for."""
     clip: bool
-    """Whether updates wait for the global gradient norm (after the whole backward)."""
+    """Whether updates wait for the global gradient norm (after the whole backward): to clip by it, or to skip
+    a step whose loss or norm is not finite."""
     peak_bytes: int
     """Largest predicted device footprint over the step."""
     resident: list[int] = field(default_factory=list)

@@ -12,6 +12,10 @@ never waits for the GPU. The plan's cpu-stream instructions (host AdamW) run in 
 thread, which waits for a gradient's copy-out event (and the clip's) before updating it. The only host-side
 wait on the main thread is a copy-in waiting for the update of the weights it copies (the previous
 step's optimizer). On the CPU the same code runs with the streams as plain calls.
+
+When the plan gates the updates (clipping, or the non-finite check), the clip instruction also flags a step
+whose loss or global norm is not finite: every update of that step then leaves its group as it was (on the
+device without a host sync: the fused kernel's found_inf), and the optimizer thread counts the skip.
 """
 from __future__ import annotations
 
@@ -31,7 +35,9 @@ from mtc.passes.partition import Partition, resolve_output
 
 from . import templates
 from .optimizer import adamw_step, clip_coefficient, parameter_norms, scratch_for
-from .store import Group, StateStore, pin_in_place
+from .preflight import pin_in_place
+from .store import Group, StateStore
+from .watchdog import Watchdog
 
 
 def default_cpu_threads() -> int:
@@ -40,6 +46,14 @@ def default_cpu_threads() -> int:
     each) 14 threads took 1.32-1.77 s of host AdamW a step, 12 threads 1.42-1.54 s at the same mean; alone
     beside copies the update ran at 2.43 G params/s on 14 threads, 2.68 on 12, 2.03 on 8."""
     return max(1, (os.cpu_count() or 1) - 4)
+
+
+class NonFiniteError(RuntimeError):
+    """Too many steps in a row had a non-finite loss or gradient norm (each was skipped)."""
+
+
+SKIP_COUNT, STEP_DONE = -1, -2
+"""The Worker's ids for a step's skip count and its end (the plan's instructions count from 0)."""
 
 
 class Worker:
@@ -102,7 +116,8 @@ class Worker:
 class Engine:
     def __init__(self, plan: StreamPlan, partition: Partition, store: StateStore, grad_inputs: dict[str, bool],
                  optimizer: AdamW, clip_grad_norm: float | None, device: torch.device, compute_dtype: torch.dtype,
-                 unflatten_output, cpu_threads: int | None = None, row_axes: list | None = None):
+                 unflatten_output, cpu_threads: int | None = None, row_axes: list | None = None,
+                 skip_nonfinite: bool = True, watchdog: Watchdog | None = None):
         self.plan, self.partition, self.store = plan, partition, store
         self.grad_inputs, self.optimizer, self.clip_grad_norm = grad_inputs, optimizer, clip_grad_norm
         self.device, self.compute_dtype, self.unflatten_output = device, compute_dtype, unflatten_output
@@ -130,13 +145,26 @@ class Engine:
         self.worker = Worker()
         # The thread holds no reference to the engine, so the engine can be collected; this also runs at exit.
         weakref.finalize(self, self.worker.stop)
+        self.watchdog = watchdog
+        """Told when each step after the first (which compiles kernels) is issued and when it has finished."""
+        if watchdog is not None:
+            weakref.finalize(self, watchdog.close)
         host_groups = [g for i, g in enumerate(store.all_groups()) if i not in self.resident]
         self.scratch = scratch_for(host_groups)
         self.device_scratch = scratch_for([store.groups[i] for i in self.resident], device)
-        self.clip_host = torch.zeros(2, dtype=torch.float32, pin_memory=self.cuda)
-        """The last clip's (global norm, coefficient), for the host optimizer and last_grad_norm."""
-        self.clip_coef = None
-        """The last clip's coefficient on the device, for the device updates."""
+        self.gated = plan.schedule.clip
+        """The updates wait for the global gradient norm: to clip by it, or to skip a non-finite step."""
+        self.skip_nonfinite = skip_nonfinite and self.gated
+        self.clip_host = torch.zeros(3, dtype=torch.float32, pin_memory=self.cuda)
+        """The last gate's (global norm, clip coefficient, 1 if the step is skipped), for the host optimizer,
+        the skip count and last_grad_norm."""
+        self.clip_coef = self.skip_flag = None
+        """The last gate's clip coefficient and skip flag on the device, for the device updates."""
+        self.skipped: list[int] = []
+        """Steps (from 0) whose loss or gradient norm was not finite, so nothing was updated, as far as the
+        optimizer thread has seen them."""
+        self.counted_steps = self.consecutive_skips = 0
+        """Steps the optimizer thread has checked; the skipped ones among the last of them."""
         self.row_axes = row_axes
         """Per stage: where its inputs and outputs hold the batch's rows (passes/rows), for token chunks."""
         self.offloaded = {i: partition.offloadable_inputs(i) for i in plan.schedule.offload}
@@ -163,12 +191,29 @@ class Engine:
         if self.shared_grad is not None:
             self._wait_previous_shared_copy_out()
             self.shared_grad.zero_()
+        if self.watchdog is not None and self.step_index:
+            self.watchdog.started(self.step_index)
         for instr in self.plan.instrs:
             self._issue(instr)
+        if self.watchdog is not None and self.step_index:
+            self._tell_watchdog_when_done()
         loss = self.loss
         del self.values, self.grads, self.kept, self.grad_of
         self.step_index += 1
         return loss
+
+    def _tell_watchdog_when_done(self) -> None:
+        """Queued behind the step's host updates; waits for the device's last instruction of the step too."""
+        done, step, watchdog = None, self.step_index, self.watchdog
+        if self.cuda:
+            done = torch.cuda.Event()
+            done.record(self.compute)
+
+        def finished():
+            if done is not None:
+                done.synchronize()
+            watchdog.finished(step)
+        self.worker.submit(STEP_DONE, step, finished)
 
     def synchronize(self) -> None:
         """Wait until the device and the optimizer thread have finished everything issued."""
@@ -368,24 +413,48 @@ class Engine:
                 continue
             else:
                 Group.view(self.shared_grad, shared[name]).add_(grad)
-        if self.clip_grad_norm is not None:
+        if self.gated:
             names = [name for name, grad in zip(stage.params, weight_grads) if grad is not None and name in own]
             self.norms.update(zip(names, parameter_norms([Group.view(flat, own[n]) for n in names])))
         return flat
 
     # -- the global norm and the updates --------------------------------------------------------------
     def _clip(self, instr):
+        """The gate: the global gradient norm, the clip coefficient, and whether the step is skipped."""
         if self.store.shared:
             views = self.store.shared.views(self.shared_grad)
             self.norms.update(zip(views, parameter_norms(list(views.values()))))
         total, self.clip_coef = clip_coefficient(
             [self.norms[name] for name in self.store.order if name in self.norms], self.clip_grad_norm)
-        self.clip_host.copy_(torch.stack([total, self.clip_coef]), non_blocking=True)
+        finite = torch.isfinite(total) & torch.isfinite(self.loss)
+        self.skip_flag = (~finite).float() if self.skip_nonfinite else None
+        gate = torch.stack([total, self.clip_coef if self.clip_coef is not None else torch.ones_like(total),
+                            self.skip_flag if self.skip_flag is not None else torch.zeros_like(total)])
+        if self.step_index:  # the previous step's flag is read before this one overwrites it
+            self.worker.wait(SKIP_COUNT, self.step_index - 1)
+        self.clip_host.copy_(gate, non_blocking=True)
+        landed = None
+        if self.cuda:
+            landed = torch.cuda.Event()
+            landed.record(self.compute)
+        step = self.step_index
+        self.worker.submit(SKIP_COUNT, step, lambda: self._count_skip(step, landed))
+
+    def _count_skip(self, step: int, landed) -> None:
+        """On the optimizer thread (queued ahead of the step's host updates): note whether it was skipped."""
+        if landed is not None:
+            landed.synchronize()
+        self.counted_steps += 1
+        if self.clip_host[2] > 0:
+            self.skipped.append(step)
+            self.consecutive_skips += 1
+        else:
+            self.consecutive_skips = 0
 
     @property
     def last_grad_norm(self) -> float | None:
         """The global gradient norm before clipping, of the last step issued (read after synchronize())."""
-        return float(self.clip_host[0]) if self.clip_grad_norm is not None and self.step_index else None
+        return float(self.clip_host[0]) if self.gated and self.step_index else None
 
     def _optimizer(self, instr):
         """A resident stage is updated now, on the device; otherwise returns the update for the CPU thread,
@@ -393,10 +462,11 @@ class Engine:
         clip = self.clip_grad_norm is not None
         if instr.stream == "compute":
             adamw_step(self.store.groups[instr.stage], self.optimizer, self.device_scratch,
-                       self.clip_coef if clip else None)
+                       self.clip_coef if clip else None, self.skip_flag)
             return None
         group = self.store.shared if instr.stage == SHARED else self.store.groups[instr.stage]
-        return lambda: adamw_step(group, self.optimizer, self.scratch, self.clip_host[1] if clip else None)
+        skip = self.clip_host[2] if self.skip_nonfinite else None
+        return lambda: adamw_step(group, self.optimizer, self.scratch, self.clip_host[1] if clip else None, skip)
 
     # -- measurement --------------------------------------------------------------------------------
     def start_trace(self) -> None:

@@ -20,9 +20,13 @@ def scratch_for(groups: list[Group], device="cpu") -> torch.Tensor:
     return torch.empty(min(CHUNK, max((g.numel for g in groups), default=0)), dtype=torch.float32, device=device)
 
 
-def adamw_step(group: Group, hp: AdamW, scratch: torch.Tensor, clip_coef: torch.Tensor | None = None) -> None:
-    """One AdamW step of `group`, its gradient first scaled by clip_coef (a 0-dim fp32 tensor) if given."""
-    group.step += 1
+def adamw_step(group: Group, hp: AdamW, scratch: torch.Tensor, clip_coef: torch.Tensor | None = None,
+               skip: torch.Tensor | None = None) -> None:
+    """One AdamW step of `group`, its gradient first scaled by clip_coef (a 0-dim fp32 tensor) if given.
+    skip: a 0-dim fp32 flag on the group's device, 1 when the step's loss or gradient norm was not finite:
+    the fused kernel then leaves weights, moments and step count as they were (torch's GradScaler path),
+    and the stream copy, which a bf16 gradient borrowed, is rewritten from the unchanged master."""
+    group.step += 1 if skip is None else 1 - skip
     for start in range(0, group.numel, CHUNK):
         end = min(start + CHUNK, group.numel)
         grad = group.grad[start:end]
@@ -33,7 +37,8 @@ def adamw_step(group: Group, hp: AdamW, scratch: torch.Tensor, clip_coef: torch.
         master = group.master[start:end]
         torch._fused_adamw_([master], [grad], [group.exp_avg[start:end]], [group.exp_avg_sq[start:end]], [],
                             [group.step], lr=hp.lr, beta1=hp.betas[0], beta2=hp.betas[1],
-                            weight_decay=hp.weight_decay, eps=hp.eps, amsgrad=False, maximize=False)
+                            weight_decay=hp.weight_decay, eps=hp.eps, amsgrad=False, maximize=False,
+                            found_inf=skip)
         if group.stream is not group.master:
             group.stream[start:end].copy_(master)  # the next copy-in must see the updated weights
 
@@ -43,8 +48,9 @@ def parameter_norms(grads: list[torch.Tensor]) -> list[torch.Tensor]:
     return list(torch._foreach_norm([g.float() for g in grads], 2.0)) if grads else []
 
 
-def clip_coefficient(norms_in_model_order: list[torch.Tensor], max_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
+def clip_coefficient(norms_in_model_order: list[torch.Tensor], max_norm: float | None
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(total norm, clip coefficient) with the arithmetic of torch.nn.utils.clip_grad_norm_, step for step:
-    AdamW magnifies any rounding difference in the scale."""
+    AdamW magnifies any rounding difference in the scale. max_norm None: the norm only (no clipping)."""
     total = torch.linalg.vector_norm(torch.stack(norms_in_model_order), 2.0)
-    return total, torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    return total, None if max_norm is None else torch.clamp(max_norm / (total + 1e-6), max=1.0)

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import time
-import weakref
 from dataclasses import dataclass
 
 import torch
 
 from mtc.config import format_bytes
+
+from .preflight import available_host_bytes, check_locked_memory, describe_host_memory, pin_in_place
 
 _ALIGN = 16
 """Each parameter starts at a multiple of 16 elements (64 B in fp32) so its view is vector-aligned."""
@@ -96,47 +97,6 @@ class Group:
 
     def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         return {piece.name: self.view(flat, piece) for piece in self.slices}
-
-
-def pin_in_place(tensor: torch.Tensor) -> None:
-    """Page-lock a tensor's memory where it lies (cudaHostRegister).
-
-    torch's pinned allocator rounds each request up to a power of two, which would cost up to twice
-    the stream buffers' size in locked RAM; registering our own allocation costs exactly its size.
-    """
-    cudart = torch.cuda.cudart()
-    pointer, size = tensor.data_ptr(), tensor.numel() * tensor.element_size()
-    error = cudart.cudaHostRegister(pointer, size, 0)
-    if int(error) != 0:
-        raise HostMemoryError(f"could not pin {format_bytes(size)} of host memory (cudaHostRegister error "
-                              f"{int(error)}); check `ulimit -l` (locked-memory limit)")
-    weakref.finalize(tensor.untyped_storage(), cudart.cudaHostUnregister, pointer)
-
-
-def host_meminfo(field: str) -> int | None:
-    """A /proc/meminfo field in bytes (MemTotal, MemAvailable, ...); None off Linux."""
-    return _proc_kilobytes("/proc/meminfo", field)
-
-
-def process_status_bytes(field: str) -> int | None:
-    """A /proc/self/status field in bytes (VmRSS, VmHWM, ...); None off Linux."""
-    return _proc_kilobytes("/proc/self/status", field)
-
-
-def _proc_kilobytes(path: str, field: str) -> int | None:
-    try:
-        with open(path) as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def available_host_bytes() -> int | None:
-    """MemAvailable: what the host can give without swapping (None off Linux)."""
-    return host_meminfo("MemAvailable")
 
 
 @contextlib.contextmanager
@@ -228,9 +188,12 @@ class StateStore:
             raise HostMemoryError(
                 f"the training state needs {format_bytes(needed)} of host RAM ({needed / max(1, self.host_params):.1f} "
                 f"bytes per parameter: fp32 master and two Adam moments, plus the bf16 copy that streams) but only "
-                f"{format_bytes(available)} is available" + (
+                f"{format_bytes(available)} is available ({describe_host_memory()})" + (
                     f"; the model's own materialised parameters hold {format_bytes(already)}: build it on the "
                     f"meta device (with torch.device('meta')) and mtc initialises it block by block" if already else ""))
+        if device.type == "cuda":  # the copies' buffers (stream copies, gradient slabs), not the fp32 state
+            check_locked_memory(sum(Group.host_bytes(numel, compute_dtype, kind, device) - 12 * numel
+                                    for numel, (_, _, kind) in zip(sizes, specs) if kind != RESIDENT))
 
         start = time.perf_counter()
         groups = []

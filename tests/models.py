@@ -65,6 +65,37 @@ class BlockLM(nn.Module):
         return F.cross_entropy(self.head(h).flatten(0, 1), labels.flatten())
 
 
+class PoisonedLM(nn.Module):
+    """BlockLM's shape, called with (input_ids, labels, poison): poison (batch, seq) is 0 for a clean step;
+    1 somewhere keeps the loss finite but makes every gradient NaN (a masked sqrt of a negative number:
+    torch.where's backward multiplies its NaN derivative by 0); inf somewhere makes the loss NaN."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 16)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(16, 16), nn.Tanh()) for _ in range(3))
+        self.head = nn.Linear(16, VOCAB)
+
+    def forward(self, input_ids, labels, poison):
+        h = self.embed(input_ids)
+        poison = poison[..., None].type_as(h)  # bf16 compute on a GPU
+        h = h * (1 + 0 * poison)
+        for block in self.blocks:
+            h = block(h)
+        z = (1 - 2 * poison) * (h * h + 1)
+        h = h + 0.1 * torch.where(z > 0, torch.sqrt(z), torch.zeros_like(z))
+        return F.cross_entropy(self.head(h).flatten(0, 1), labels.flatten())
+
+
+def poisoned_batches(pattern):
+    """One batch per step; pattern[i] is what step i + 1's poison holds at one place (0: nothing)."""
+    for index, value in enumerate(pattern):
+        ids, labels = tokens(seed=index)
+        poison = torch.zeros(ids.shape)
+        poison[index % 2, index % 8] = value
+        yield ids, labels, poison
+
+
 def BatchNormLM():  # noqa: N802 - a model, as the other builders here
     """Blocks whose forward updates running statistics: a replay must not update them again."""
     return BlockLM(lambda: nn.Sequential(nn.Linear(16, 16), nn.BatchNorm1d(8), nn.Tanh()))

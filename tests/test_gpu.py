@@ -207,3 +207,67 @@ def test_a_checkpoint_of_a_gpu_step_resumes_its_trajectory(tmp_path):
         assert float(resumed(*batch)) == float(first(*batch))
     for (name, a), (_, b) in zip(first.named_parameters(), resumed.named_parameters()):
         assert torch.equal(a, b), name
+
+
+def test_a_non_finite_step_on_the_gpu_leaves_every_group_as_it_was():
+    """bf16 compute: a streamed group's gradient borrowed its stream copy (rewritten from the unchanged
+    master); a resident one is skipped by the fused kernel's found_inf on the device."""
+    from models import PoisonedLM, poisoned_batches
+
+    torch.manual_seed(0)
+    batches = [tuple(t.cuda() for t in batch) for batch in poisoned_batches((0, 1, float("inf"), 0))]
+    step = mtc.compile(PoisonedLM(), gpu_mem="60KB", example=batches[0], device="cuda")
+    assert 0 < len(step.plan.schedule.resident) < len(step.plan.schedule.stages)  # updated on both sides
+    step(*batches[0])
+
+    def state():
+        step.synchronize()
+        return {(g.name, kind): getattr(g, kind).clone() for g in step._store.all_groups()
+                for kind in ("master", "exp_avg", "exp_avg_sq", "step", "stream")}
+    before = state()
+    step(*batches[1])
+    step(*batches[2])
+    after = state()
+    assert all(torch.equal(before[key], after[key]) for key in before), \
+        [key for key in before if not torch.equal(before[key], after[key])]
+    step(*batches[3])
+    step.synchronize()
+    assert step.skipped_steps == [2, 3]
+    assert all(float(g.step) == 2 for g in step._store.all_groups())
+
+
+def test_pinning_refused_by_the_driver_trains_from_pageable_memory(monkeypatch):
+    from mtc.runtime import preflight
+
+    cudart = torch.cuda.cudart()
+
+    class RefusingDriver:
+        """The CUDA runtime, but page-locking fails."""
+
+        def __getattr__(self, name):
+            return getattr(cudart, name)
+
+        def cudaHostRegister(self, pointer, size, flags):  # noqa: N802 - the CUDA runtime's name
+            return 2  # cudaErrorMemoryAllocation
+    monkeypatch.setattr(torch.cuda, "cudart", lambda driver=RefusingDriver(): driver)
+    monkeypatch.setattr(preflight, "_unpinned", {"bytes": 0, "warned": False})
+    torch.manual_seed(0)
+    model = llama()
+    reference = copy.deepcopy(model)
+    with pytest.warns(UserWarning, match=r"could not page-lock .* measured [\d.]+ GB/s against [\d.]+ GB/s pinned "
+                                         r"\([\d.]+x slower\)"):
+        step = mtc.compile(model, gpu_mem="3.5MB", example=tokens(), device="cuda", compute_dtype=torch.float32)
+    assert preflight.unpinned_bytes() > 0
+    monkeypatch.undo()
+    pinned = mtc.compile(reference, gpu_mem="3.5MB", example=tokens(), device="cuda", compute_dtype=torch.float32)
+    for seed in range(3):
+        batch = [t.cuda() for t in tokens(seed=seed)]
+        assert float(step(*batch)) == pytest.approx(float(pinned(*batch)), rel=1e-5)  # the same plan and kernels
+    for (name, mine), (_, theirs) in zip(step.named_parameters(), pinned.named_parameters()):
+        assert float((mine - theirs).abs().max() / theirs.abs().max()) <= 1e-5, name
+
+
+def test_a_budget_larger_than_the_free_device_memory_is_refused():
+    free, _ = torch.cuda.mem_get_info()
+    with pytest.raises(ValueError, match=r"gpu_mem=.* is more than cuda(:0)? has free"):
+        mtc.compile(llama(), gpu_mem=free + (1 << 30), example=tokens(), device="cuda")
