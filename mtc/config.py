@@ -1,12 +1,17 @@
 """Typed configuration: sizes, the optimizer and the hardware profile the planner scores against."""
 from __future__ import annotations
 
+import numbers
 import re
+import sys
 from dataclasses import asdict, dataclass
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*$", re.IGNORECASE)
+# ASCII only: with Unicode case folding the Kelvin sign matched "K" and then named no unit.
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*$", re.IGNORECASE | re.ASCII)
+MAX_BYTES = 2**63 - 1
+"""The largest size parse_bytes gives: an int64, as torch holds sizes (a float of more would not stay exact)."""
 
 
 def parse_bytes(value, name: str = "gpu_mem") -> int:
@@ -17,12 +22,30 @@ def parse_bytes(value, name: str = "gpu_mem") -> int:
     if isinstance(value, int):
         size = value
     elif isinstance(value, str) and (match := _SIZE.match(value)):
-        size = int(float(match.group(1)) * _UNITS[(match.group(2) or "").upper()])
+        size = float(match.group(1)) * _UNITS[(match.group(2) or "").upper()]
     else:
         raise ValueError(f"{name}={value!r} is not a size; expected {accepted}")
-    if size <= 0:
+    if size > MAX_BYTES:
+        raise ValueError(f"{name}={value!r} is more than 2**63 - 1 bytes; expected {accepted}")
+    if int(size) <= 0:
         raise ValueError(f"{name}={value!r} must be more than 0 bytes; expected {accepted}")
-    return size
+    return int(size)
+
+
+def is_finite_number(value) -> bool:
+    """A real number that is not a bool and that a float holds finitely: not NaN, not inf, no int past 1.8e308."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and abs(value) <= sys.float_info.max
+
+
+def parse_batch(text: str, flag: str = "--batch") -> tuple[int, int]:
+    """'4x4096' -> (sequences, tokens per sequence), both > 0."""
+    try:
+        sequences, tokens = (int(part) for part in text.lower().split("x"))
+        if sequences > 0 and tokens > 0:
+            return sequences, tokens
+    except ValueError:
+        pass
+    raise ValueError(f"{flag}={text!r} is not valid; expected SEQUENCESxTOKENS with both > 0, e.g. 4x4096")
 
 
 def format_bytes(n: float) -> str:
@@ -46,11 +69,14 @@ class AdamW:
     """Decoupled weight decay, applied to every parameter."""
 
     def __post_init__(self):
-        checks = [("lr", self.lr, self.lr >= 0, "a number >= 0"),
-                  ("eps", self.eps, self.eps >= 0, "a number >= 0"),
-                  ("weight_decay", self.weight_decay, self.weight_decay >= 0, "a number >= 0"),
-                  ("betas", self.betas, len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
-                   "two numbers in [0, 1)")]
+        def non_negative(value):
+            return is_finite_number(value) and value >= 0
+
+        checks = [("lr", self.lr, non_negative(self.lr), "a finite number >= 0"),
+                  ("eps", self.eps, non_negative(self.eps), "a finite number >= 0"),
+                  ("weight_decay", self.weight_decay, non_negative(self.weight_decay), "a finite number >= 0"),
+                  ("betas", self.betas, isinstance(self.betas, (tuple, list)) and len(self.betas) == 2
+                   and all(non_negative(b) and b < 1 for b in self.betas), "two numbers in [0, 1)")]
         for name, value, ok, accepted in checks:
             if not ok:
                 raise ValueError(f"AdamW {name}={value!r} is not valid; expected {accepted}")
