@@ -17,12 +17,14 @@ A checkpoint is a directory of safetensors files and one JSON file, nothing pick
 
 A save is written into a hidden sibling directory and renamed into place, so a save that is interrupted
 (even by SIGKILL) never touches the last good checkpoint; should it stop between moving the old one aside
-and renaming the new one in, load finds the old one and says so.
+and renaming the new one in, load finds the old one and says so. Before writing, a save checks that the disk
+has room for a whole new checkpoint (the old one stays until the new one is in place) and refuses if not.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import glob
 import json
 import os
@@ -33,11 +35,15 @@ import warnings
 import torch
 from tqdm import tqdm
 
-from mtc.config import AdamW
+from mtc.config import AdamW, format_bytes
 
 FORMAT = 1
 SHARD_BYTES = 2 << 30
 """Largest shard: bounds the host memory a save borrows (one shard's tensors at a time)."""
+METADATA_BYTES = 4 << 20
+"""Room for what a checkpoint holds beside its tensors: mtc.json (with the plan: 94 KB of JSON for the 8b preset
+at 4x4096), the RNG states (5 KB for the CPU's) and the safetensors headers (the tiny preset's 158 tensors: 31 KB
+in all beside them)."""
 META, RNG = "mtc.json", "rng.safetensors"
 
 
@@ -45,11 +51,16 @@ class CheckpointError(ValueError):
     """The directory is not a checkpoint this model and this mtc can resume from."""
 
 
+class DiskSpaceError(OSError):
+    """The disk has too little free space for a checkpoint; raised before anything is written."""
+
+
 def save(step, path, data_position: dict | None = None, progress: bool = True) -> str:
     """Write `step`'s weights, optimizer state, RNG state and step count to the directory `path` (made or
     replaced whole); `data_position`: JSON-serialisable state of the caller's data (given back by load as
     step.data_position); progress: a bar over the bytes written (12 per parameter: master, two moments).
-    Returns the path."""
+    Returns the path. A disk without room for the whole new checkpoint is refused (DiskSpaceError) before
+    anything is written."""
     from safetensors.torch import save_file
 
     import mtc
@@ -64,19 +75,21 @@ def save(step, path, data_position: dict | None = None, progress: bool = True) -
         raise TypeError(f"data_position={data_position!r} is not JSON-serialisable ({error})") from None
     store = step._store
     step.synchronize()
+    weights = dict(step.named_parameters())
+    state = {}
+    for group in store.all_groups():
+        for piece in group.slices:
+            state[f"exp_avg.{piece.name}"] = group.view(group.exp_avg, piece)
+            state[f"exp_avg_sq.{piece.name}"] = group.view(group.exp_avg_sq, piece)
+            state[f"step.{piece.name}"] = group.step
+    kinds = {"model": weights, "optimizer": state, "buffers": store.buffers}
+    total = sum(_nbytes(t) for tensors in kinds.values() for t in tensors.values())
     parent, base = os.path.split(path)
+    _remove_leftovers(parent, base)
+    check_free_space(path, total + METADATA_BYTES)
     os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{base}.saving-", dir=parent)
+    staging = tempfile.mkdtemp(prefix=f".{base}.saving-{os.getpid()}-", dir=parent)
     try:
-        weights = dict(step.named_parameters())
-        state = {}
-        for group in store.all_groups():
-            for piece in group.slices:
-                state[f"exp_avg.{piece.name}"] = group.view(group.exp_avg, piece)
-                state[f"exp_avg_sq.{piece.name}"] = group.view(group.exp_avg_sq, piece)
-                state[f"step.{piece.name}"] = group.step
-        kinds = {"model": weights, "optimizer": state, "buffers": store.buffers}
-        total = sum(_nbytes(t) for tensors in kinds.values() for t in tensors.values())
         with tqdm(total=total, unit="B", unit_scale=True, desc=f"mtc: saving {base}", leave=False,
                   disable=not progress or None) as bar:
             for kind, tensors in kinds.items():
@@ -103,6 +116,31 @@ def save(step, path, data_position: dict | None = None, progress: bool = True) -
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return path
+
+
+def checkpoint_bytes(model: torch.nn.Module) -> int:
+    """The disk a checkpoint of `model` takes at most, from the shapes of its parameters and buffers (meta tensors
+    will do): per parameter an fp32 master weight, two fp32 AdamW moments and an fp32 step count (a frozen or
+    unused parameter has no moments: counted all the same), the buffers, and METADATA_BYTES."""
+    parameters = sum(12 * p.numel() + 4 for _, p in model.named_parameters())  # tied weights once, as saved
+    return parameters + sum(_nbytes(b) for b in model.buffers()) + METADATA_BYTES
+
+
+def check_free_space(path, needed: int, instead: str | None = None) -> None:
+    """Raise DiskSpaceError unless the disk that is to hold the checkpoint directory `path` has `needed` bytes
+    free, beside any checkpoint already there: that one is replaced only once the new one is whole. instead:
+    what else the user can do (default: save to a path on a disk with that much free)."""
+    path = os.path.abspath(os.fspath(path))
+    directory = os.path.dirname(path)
+    while not os.path.isdir(directory):  # the nearest parent that exists: the rest is made on its disk
+        directory = os.path.dirname(directory)
+    free = shutil.disk_usage(directory).free
+    if free < needed:
+        instead = instead or f"save to a path on a disk with {format_bytes(needed)} free"
+        raise DiskSpaceError(errno.ENOSPC, f"a checkpoint at {path} needs {format_bytes(needed)} ({needed:,} bytes: "
+                             f"weights, AdamW moments and step counts, buffers; one already there stays until the "
+                             f"new one is whole) but {directory} has {format_bytes(free)} ({free:,} bytes) free: "
+                             f"free {format_bytes(needed - free)} or {instead}")
 
 
 def load(path, model: torch.nn.Module | None = None, gpu_mem="80GB", example=None, optimizer: AdamW | None = None,
@@ -314,7 +352,7 @@ def _fsync_dir(directory: str) -> None:
 def _move_into_place(staging: str, path: str) -> None:
     parent, base = os.path.split(path)
     if os.path.exists(path):
-        replaced = tempfile.mkdtemp(prefix=f".{base}.replaced-", dir=parent)
+        replaced = tempfile.mkdtemp(prefix=f".{base}.replaced-{os.getpid()}-", dir=parent)
         os.rename(path, os.path.join(replaced, base))  # aside, whole, until the new one is in place
         os.rename(staging, path)
         _fsync_dir(parent)
@@ -322,6 +360,29 @@ def _move_into_place(staging: str, path: str) -> None:
     else:
         os.rename(staging, path)
         _fsync_dir(parent)
+
+
+def _remove_leftovers(parent: str, base: str) -> None:
+    """Remove what saves of `base` killed midway left in `parent`: a half-written staging directory, or an old
+    checkpoint moved aside whose replacement is in place. Each is named after the process that made it; a
+    live process's (a save running now) stays, and so does any aside copy while `base` itself is missing
+    (load reads it then)."""
+    whole = os.path.isfile(os.path.join(parent, base, META))
+    for kind in ("saving", "replaced") if whole else ("saving",):
+        for leftover in glob.glob(os.path.join(glob.escape(parent), f".{glob.escape(base)}.{kind}-*-*")):
+            pid = os.path.basename(leftover)[len(f".{base}.{kind}-"):].split("-")[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _readable(path) -> str:

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
+import math
 import os
 import signal
 import sys
@@ -15,11 +15,15 @@ import mtc
 from mtc.codegen.patterns import KERNELS
 from mtc.codegen.stream_plan import chrome_trace
 from mtc.codegen.tiles import TILE_TOKENS
-from mtc.config import format_bytes, parse_bytes
+from mtc.compile import _device
+from mtc.config import format_bytes, parse_batch, parse_bytes
 from mtc.passes.schedule import ALLOCATOR_HEADROOM, MemoryBudgetError, smallest_plan
 from mtc.plan import stage_table
+from mtc.probe import resolve_profile
 from mtc.runtime.store import HostMemoryError
-from mtc.examples import data, models
+from mtc.examples import models
+from mtc import train as train_command
+from mtc.train import TrainedModel
 
 
 def main(argv=None) -> int:
@@ -28,7 +32,7 @@ def main(argv=None) -> int:
 
     train = commands.add_parser("train", help="train a preset or a Hugging Face model (default: tiny, on the "
                                               "built-in corpus)")
-    _model_arguments(train, batch="8x128", gpu_mem="80GB")
+    _model_arguments(train, batch="8x128", gpu_mem="80GB", device_must_exist=True)
     _model_directory_argument(train)
     train.add_argument("--data", default=None, metavar="PATH",
                        help="token ids (.bin: uint16, uint32 past 65536 words), text (a file or a directory of "
@@ -36,14 +40,18 @@ def main(argv=None) -> int:
                             "dataset (input_ids or text) (default: the Python standard library's source)")
     train.add_argument("--log-dir", default=None, metavar="DIR", help="also log loss and tokens/s for TensorBoard")
     train.add_argument("--steps", type=int, default=150, help="optimizer steps (default 150)")
-    train.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (default 3e-3)")
-    train.add_argument("--weight-decay", type=float, default=0.1)
-    train.add_argument("--seed", type=int, default=0, help="model init and data order (default 0)")
+    train.add_argument("--lr", type=_number("--lr", "a finite number >= 0"), default=3e-3,
+                       help="AdamW learning rate (default 3e-3)")
+    train.add_argument("--weight-decay", type=_number("--weight-decay", "a finite number >= 0"), default=0.1)
+    train.add_argument("--seed", type=_integer("--seed", -2**63, 2**64 - 1), default=0,
+                       help="model init and data order (default 0)")
     train.add_argument("--save-plan", metavar="PATH", help="also write the plan as JSON")
     train.add_argument("--checkpoint", metavar="DIR", default=None,
-                       help="where --save-every and --resume keep the checkpoint (default runs/<preset>)")
+                       help="where --save-every, a stop by SIGINT/SIGTERM and --resume keep the checkpoint "
+                            "(default runs/<preset>)")
     train.add_argument("--save-every", type=int, default=0, metavar="STEPS",
-                       help="save a checkpoint every STEPS steps and at the end (default 0: never)")
+                       help="save a checkpoint every STEPS steps and at the end (default 0: only when stopped by "
+                            "SIGINT or SIGTERM)")
     train.add_argument("--resume", action="store_true",
                        help="go on from the checkpoint (weights, AdamW state, RNG, data position) up to --steps "
                             "steps in all, with its hyperparameters")
@@ -54,30 +62,33 @@ def main(argv=None) -> int:
     plan.add_argument("--save", metavar="PATH", help="write the plan as JSON (read it with `mtc show`)")
     plan.add_argument("--instructions", action="store_true", help="print every stream instruction too")
     plan.add_argument("--trace", metavar="PATH", help="write the predicted timeline as a Chrome/Perfetto trace")
-    plan.add_argument("--max-seq", type=int, metavar="LIMIT", default=None,
+    plan.add_argument("--max-seq", type=_integer("--max-seq", SEQ_STEP), metavar="LIMIT", default=None,
                       help="find the longest sequence (up to LIMIT tokens) that fits, for --batch's sequence count")
-    plan.add_argument("--batches", metavar="BxS,...", default=None,
+    plan.add_argument("--batches", metavar="BxS,...", default=None, type=_checked("--batches", parse_batch, lists=True),
                       help="also a line per batch shape (e.g. 1x4096,2x4096,4x4096): the plan solved for it from "
                            "the costs' polynomials, without tracing again")
 
-    plan.add_argument("--host-mem", default=None,
+    plan.add_argument("--host-mem", default=None, type=_checked("--host-mem", parse_bytes),
                       help="host RAM to plan for, e.g. 1.5TB (default: the profile's); refused if the state won't fit")
-    plan.add_argument("--profile", default=None,
+    plan.add_argument("--profile", default=None, type=_checked("--profile", lambda text, _: resolve_profile(text)),
                       help="hardware to plan for: h100, h200, a100, rtx4090, cpu or a saved profile's path "
                            "(default: what `mtc probe` saved for this machine's GPU, else h100)")
 
     probe = commands.add_parser("probe", help="measure this machine's copy, GEMM and AdamW rates and save "
                                               "them as the profile plans use")
-    probe.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    probe.add_argument("--device", default=None, type=_checked("--device", lambda text, _: _device(text)),
+                       help="cpu or cuda (default: cuda when present)")
     probe.add_argument("--save", metavar="PATH", default=None,
                        help="where to write it (default: ~/.cache/mtc/profile-<device>.json, or $MTC_PROFILE)")
     probe.add_argument("--quick", action="store_true", help="small sizes: seconds instead of a minute, rougher")
-    probe.add_argument("--cpu-threads", type=int, default=None,
+    probe.add_argument("--cpu-threads", type=_integer("--cpu-threads", 1, os.cpu_count() or 1), default=None,
                        help="threads for the CPU optimizer (default: all cores but four)")
     probe.add_argument("--calibrate", metavar="PRESET", default=None,
                        help="then train PRESET's spine plan a few steps (GPU) and save the rates its step showed")
-    probe.add_argument("--batch", default="2x4096", help="batch for --calibrate (default 2x4096)")
-    probe.add_argument("--gpu-mem", default="80GB", help="gpu_mem for --calibrate (default 80GB)")
+    probe.add_argument("--batch", default="2x4096", type=_checked("--batch", parse_batch),
+                       help="batch for --calibrate (default 2x4096)")
+    probe.add_argument("--gpu-mem", default="80GB", type=_checked("--gpu-mem", parse_bytes),
+                       help="gpu_mem for --calibrate (default 80GB)")
 
     show = commands.add_parser("show", help="print a saved plan")
     show.add_argument("path")
@@ -90,13 +101,14 @@ def main(argv=None) -> int:
     bench.add_argument("--vs", default="", metavar="eager,deepspeed,fsdp,megatrain",
                        help="then train the same model and batch with each of these, each in a process of its own "
                             "(a missing package is reported as not installed); see examples/baselines/README.md")
-    bench.add_argument("--peer-timeout", type=float, default=3600, metavar="SECONDS",
+    bench.add_argument("--peer-timeout", type=_number("--peer-timeout", "a finite number of seconds > 0",
+                                                      lambda seconds: seconds > 0), default=3600, metavar="SECONDS",
                        help="stop a --vs peer that runs longer, and report it failed (default 3600)")
     bench.add_argument("--trace", metavar="PATH", help="write two measured steps as a Chrome/Perfetto trace")
     bench.add_argument("--no-trace", action="store_true",
                        help="leave out the two steps timed per instruction (lanes, bounds), minutes at long sequences")
     bench.add_argument("--json", metavar="PATH", help="write every figure as JSON (rewritten as each system finishes)")
-    bench.add_argument("--cpu-threads", type=int, default=None,
+    bench.add_argument("--cpu-threads", type=_integer("--cpu-threads", 1, os.cpu_count() or 1), default=None,
                        help="threads for the CPU optimizer (default: all cores but four)")
     bench.add_argument("--no-calibrate", action="store_true",
                        help="a sweep (as --schedule) planned on the saved profile, without first timing the spine plan")
@@ -108,7 +120,9 @@ def main(argv=None) -> int:
     if args.command is None:
         args = parser.parse_args(["train"] + list(argv if argv is not None else sys.argv[1:]))
     try:
-        return {"train": _train, "plan": _plan, "show": _show, "bench": _bench, "probe": _probe}[args.command](args)
+        if args.command in ("train", "plan"):  # before any work: train would read it only when it compiles
+            parse_bytes(args.gpu_mem, "--gpu-mem")
+        return {"train": train_command.train, "plan": _plan, "show": _show, "bench": _bench, "probe": _probe}[args.command](args)
     except (ValueError, TypeError, RuntimeError, OSError, MemoryError) as error:
         print(f"mtc {args.command}: error: {error}", file=sys.stderr)
         return 2
@@ -128,16 +142,60 @@ def _tile_tokens(text: str) -> int:
     return int(text)
 
 
-def _model_arguments(parser, batch: str, gpu_mem: str, preset: str = "tiny"):
+def _checked(flag: str, read, lists: bool = False):
+    """An argparse type= refusing what read(text, flag) refuses with a ValueError naming the flag, as argparse
+    refuses a bad value: "argument --flag: <why>", status 2, before any work. The text is kept as given; with
+    lists, each comma-separated part is read."""
+    def check(text: str) -> str:
+        try:
+            for part in text.split(",") if lists else [text]:
+                read(part, flag)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+        return text
+    return check
+
+
+def _number(flag: str, accepted: str, ok=lambda value: value >= 0):
+    """An argparse type= for a finite number (as float() reads it) that ok(value) accepts."""
+    def number(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and ok(value)):
+            raise argparse.ArgumentTypeError(f"{flag}={text!r} is not valid; expected {accepted}")
+        return value
+    return number
+
+
+def _integer(flag: str, low: int, high: int | None = None):
+    """An argparse type= for an integer from low to high (no limit: None)."""
+    def integer(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low or (high is not None and value > high):
+            accepted = f"from {low} to {high}" if high is not None else f">= {low}"
+            raise argparse.ArgumentTypeError(f"{flag}={text!r} is not valid; expected an integer {accepted}")
+        return value
+    return integer
+
+
+def _model_arguments(parser, batch: str, gpu_mem: str, preset: str = "tiny", device_must_exist: bool = False):
+    """device_must_exist: --device names a device of this machine (to train on), not one to plan for."""
     parser.add_argument("--preset", default=preset, type=_preset,
                         help=f"model shape: {', '.join(sorted(models.PRESETS))}, or one of them with another "
                              f"number of blocks, as 8b:40 (default {preset})")
     parser.add_argument("--batch", default=batch, help=f"sequences x tokens per step (default {batch})")
     parser.add_argument("--gpu-mem", default=gpu_mem,
                         help=f"device memory budget, e.g. 24GB, 80GiB (default {gpu_mem})")
-    parser.add_argument("--clip", type=float, default=1.0,
+    parser.add_argument("--clip", type=_number("--clip", "a finite number >= 0 (0: off)"), default=1.0,
                         help="clip gradients to this global norm (default 1.0; 0: off)")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    parser.add_argument("--device", default=None,
+                        type=_checked("--device", lambda text, _: _device(text, must_exist=device_must_exist)),
+                        help="cpu or cuda (default: cuda when present)")
     parser.add_argument("--kernels", default="auto", type=_kernels,
                         help="Triton kernels in place of the patterns they replace: auto (all on a GPU, none "
                              f"on the CPU), all, none, some of {','.join(KERNELS)}, or some as -name (switched "
@@ -163,159 +221,15 @@ def _kernels(text: str) -> str | tuple[str, ...]:
     return text
 
 
-def _batch(text: str) -> tuple[int, int]:
-    try:
-        sequences, tokens = (int(part) for part in text.lower().split("x"))
-        if sequences > 0 and tokens > 0:
-            return sequences, tokens
-    except ValueError:
-        pass
-    raise ValueError(f"--batch={text!r} is not valid; expected SEQUENCESxTOKENS with both > 0, e.g. 4x4096")
-
-
-def _train(args) -> int:
-    from tqdm import tqdm
-
-    batch, seq = _batch(args.batch)
-    if args.steps < 1:
-        raise ValueError(f"--steps={args.steps} is not valid; expected an integer >= 1")
-    if args.save_every < 0:
-        raise ValueError(f"--save-every={args.save_every} is not valid; expected an integer >= 0 (0: never)")
-    source = _TrainedModel(args.model or args.preset)
-    writer = _tensorboard(args.log_dir) if args.log_dir else None
-    checkpoint = args.checkpoint or os.path.join("runs", source.name)
-    torch.manual_seed(args.seed)
-    tokens, described = source.tokens(args.data)
-    stream = (source.call(pair) for pair in data.batches(tokens, batch, seq, seed=args.seed))
-    # What fixes the order of the batches: a resumed run must read them as the saved one did.
-    data_order = {"data": os.path.abspath(args.data) if args.data else None, "batch": f"{batch}x{seq}",
-                  "seed": args.seed}
-    started = time.perf_counter()
-    if args.resume:
-        # The first batch only shows the shapes; the checkpoint says how many the run had read.
-        step = mtc.load(checkpoint, source.meta_model(), gpu_mem=args.gpu_mem, example=next(stream),
-                        device=args.device, kernels=args.kernels, tile_tokens=args.tile_tokens)
-        saved = {k: v for k, v in step.data_position.items() if k != "batches"}
-        if saved != data_order:
-            raise ValueError(f"--resume: the checkpoint in {checkpoint} read its data as {saved}, not as "
-                             f"{data_order}; resume with the same --data, --batch and --seed")
-        stream = (source.call(pair) for pair in data.batches(tokens, batch, seq, seed=args.seed))
-        for _ in range(step.data_position["batches"]):
-            next(stream)
-        print(f"resumed from {checkpoint} after {step.steps} steps")
-    else:
-        example = next(stream)
-        stream = itertools.chain([example], stream)
-        step = source.compile(gpu_mem=args.gpu_mem, example=example, device=args.device, kernels=args.kernels,
-                              tile_tokens=args.tile_tokens,
-                              optimizer=mtc.AdamW(lr=args.lr, weight_decay=args.weight_decay),
-                              clip_grad_norm=args.clip or None)
-    print(step.plan.summary())
-    params = sum(p.numel() for _, p in step.named_parameters())
-    print(f"compiled in {time.perf_counter() - started:.1f} s; training {params:,} parameters on {batch}x{seq} "
-          f"tokens of {described}")
-    if args.save_plan:
-        step.plan.save(args.save_plan)
-    first = last = None
-    seen, training, done = 0, 0.0, step.steps  # training: seconds in steps, checkpoint saves not counted
-    with tqdm(range(done, args.steps), unit="step", dynamic_ncols=True, initial=done, total=args.steps) as bar:
-        for _ in bar:
-            inputs = next(stream)
-            began = time.perf_counter()
-            last = float(step(**inputs))
-            training += time.perf_counter() - began
-            first = last if first is None else first
-            seen += inputs["input_ids"].numel()
-            bar.set_postfix(loss=f"{last:.3f}", tok_s=f"{seen / training:,.0f}")
-            if writer:
-                writer.add_scalar("loss", last, step.steps)
-                writer.add_scalar("tokens_per_s", seen / training, step.steps)
-            if args.save_every and (step.steps % args.save_every == 0 or step.steps == args.steps):
-                mtc.save(step, checkpoint, data_position={"batches": step.steps, **data_order})
-    began = time.perf_counter()
-    step.synchronize()  # the last step's optimizer update, which runs on after its loss is known
-    training += time.perf_counter() - began
-    if writer:
-        writer.close()
-    if first is None:
-        print(f"the checkpoint is already at step {done}; nothing to do for --steps={args.steps}")
-        return 0
-    print(f"loss {first:.3f} -> {last:.6f} in steps {done + 1}-{args.steps}, {seen / training:,.0f} tokens/s"
-          + (f" (saves not counted); checkpoint in {checkpoint}" if args.save_every else ""))
-    return 0
-
-
-class _TrainedModel:
-    """What `mtc train --model` names: a preset (mtc's example Llama, called with (input_ids, labels) already
-    shifted) or a Hugging Face model directory (called with input_ids and labels, which it shifts itself)."""
-
-    def __init__(self, value: str):
-        self.directory = value if os.path.isdir(value) else None
-        if self.directory is None:
-            try:
-                self.vocab_size = models.preset_config(value).vocab_size
-            except ValueError as error:
-                raise ValueError(f"--model={value!r} is neither a model directory nor a preset: {error}") from None
-            self.preset = self.name = value
-            return
-        if not os.path.isfile(os.path.join(value, "config.json")):
-            raise ValueError(f"--model={value!r} is a directory without config.json; expected a Hugging Face model "
-                             f"directory or a preset ({', '.join(sorted(models.PRESETS))})")
-        import transformers
-
-        self.name = os.path.basename(os.path.normpath(value))
-        self.vocab_size = transformers.AutoConfig.from_pretrained(value).vocab_size
-
-    def _tokenizer(self):
-        """The model directory's tokenizer, if it has one (read with the data: planning needs none)."""
-        if not self.directory or not any(os.path.exists(os.path.join(self.directory, f))
-                                         for f in ("tokenizer.json", "tokenizer_config.json")):
-            return None
-        import transformers
-
-        return transformers.AutoTokenizer.from_pretrained(self.directory)
-
-    def tokens(self, path: str | None) -> tuple[torch.Tensor, str]:
-        tokenizer = self._tokenizer()
-        if path:
-            return data.load_tokens(path, self.vocab_size, tokenizer), path
-        corpus = data.stdlib_corpus()
-        if tokenizer is None and self.vocab_size >= 256:
-            return corpus, "the Python standard library's source, byte by byte"
-        text = corpus.to(torch.uint8).numpy().tobytes().decode(errors="replace")
-        return data.load_tokens_of_text(text, self.vocab_size, tokenizer, "the built-in corpus"), \
-            "the Python standard library's source"
-
-    def call(self, pair) -> dict:
-        input_ids, shifted = pair
-        return {"input_ids": input_ids, "labels": input_ids if self.directory else shifted}
-
-    def meta_model(self):
-        if self.directory:
-            from mtc.checkpoint import hugging_face_model
-
-            return hugging_face_model(self.directory)
-        return models.build(self.preset, device="meta")
-
-    def compile(self, **options):
-        if self.directory:
-            return mtc.from_pretrained(self.directory, **options)
-        return mtc.compile(models.build(self.preset), **options)
-
-
-def _tensorboard(directory: str):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise ValueError(f"--log-dir={directory!r} needs TensorBoard: pip install tensorboard") from None
-    return SummaryWriter(directory)
+UPDATES_WAIT_FOR_THE_NORM = True
+"""mtc train skips non-finite steps, so its updates wait for the global gradient norm even without --clip."""
 
 
 def _plan(args) -> int:
-    batch, seq = _batch(args.batch)
+    batch, seq = parse_batch(args.batch)
     device = args.device or "cuda"  # planning needs no GPU: plan for the one the user will train on
     started = time.perf_counter()
-    model = _TrainedModel(args.model or args.preset).meta_model()
+    model = TrainedModel(args.model or args.preset).meta_model()
     gpu_mem = parse_bytes(args.gpu_mem, "--gpu-mem")
     host_mem = parse_bytes(args.host_mem, "--host-mem") if args.host_mem else None
 
@@ -325,7 +239,7 @@ def _plan(args) -> int:
                         profile=args.profile, host_mem=host_mem, kernels=args.kernels, tile_tokens=args.tile_tokens)
 
     if args.max_seq:
-        seq, base, why = _longest_sequence(plan_for, batch, gpu_mem, bool(args.clip), args.max_seq)
+        seq, base, why = _longest_sequence(plan_for, batch, gpu_mem, UPDATES_WAIT_FOR_THE_NORM, args.max_seq)
         print(_polynomials(base))
         print(f"longest sequence that fits: {seq} tokens ({batch}x{seq}, multiples of {SEQ_STEP}); {why}")
     try:
@@ -344,7 +258,7 @@ def _plan(args) -> int:
         print(f"wrote the predicted timeline to {args.trace} (chrome://tracing or ui.perfetto.dev)")
     print(planned.plan if args.instructions else planned.plan.summary())
     if args.batches:
-        print(_batch_table(planned, [_batch(b) for b in args.batches.split(",")], gpu_mem, bool(args.clip)))
+        print(_batch_table(planned, [parse_batch(b) for b in args.batches.split(",")], gpu_mem, UPDATES_WAIT_FOR_THE_NORM))
     return 0
 
 
@@ -466,7 +380,7 @@ def _bench(args) -> int:
     # A stop (timeout, kill) unwinds, so that a running peer's processes are stopped with us.
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     try:
-        result = bench.run(args.preset, _batch(args.batch), gpu_mem=args.gpu_mem, steps=args.steps,
+        result = bench.run(args.preset, parse_batch(args.batch), gpu_mem=args.gpu_mem, steps=args.steps,
                            warmup=args.warmup, clip=args.clip or None, vs=_baselines(args.vs),
                            trace_path=args.trace, cpu_threads=args.cpu_threads, peer_timeout_s=args.peer_timeout,
                            progress=progress, kernels=args.kernels, tile_tokens=args.tile_tokens,
@@ -501,7 +415,7 @@ def _bench_sweep(args, bench) -> int:
         parse_bytes(budget, "--gpu-mem")
     if args.vs or args.trace:
         raise ValueError("--vs and --trace time one configuration; leave out --schedule and the lists")
-    result = bench.sweep(args.preset, [_batch(b) for b in args.batch.split(",")], budgets, schedules,
+    result = bench.sweep(args.preset, [parse_batch(b) for b in args.batch.split(",")], budgets, schedules,
                          steps=args.steps, warmup=args.warmup, clip=args.clip or None,
                          cpu_threads=args.cpu_threads, progress=lambda row: print(json.dumps(row), flush=True),
                          calibrate=not args.no_calibrate, kernels=args.kernels)
@@ -526,7 +440,7 @@ def _probe(args) -> int:
             raise ValueError(f"--calibrate={args.calibrate!r} is not a preset: {error}") from None
         if device.type != "cuda":
             raise ValueError("--calibrate times a step on the GPU and the device is the CPU")
-        batch, gpu_mem = _batch(args.batch), parse_bytes(args.gpu_mem, "--gpu-mem")
+        batch, gpu_mem = parse_batch(args.batch), parse_bytes(args.gpu_mem, "--gpu-mem")
     print(f"mtc probe: measuring {probe.device_name(device)}{' (quick)' if args.quick else ''}...", flush=True)
     profile = probe.probe(device, cpu_threads=args.cpu_threads, quick=args.quick)
     if args.calibrate:

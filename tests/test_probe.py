@@ -126,20 +126,20 @@ def test_the_solver_keeps_to_host_memory_by_offloading_less():
     # 8B at 128k tokens on 80GB: the fastest plan streams every block and offloads their inputs, 17.5 GiB more
     # than the 126 GiB host holds beside the state. The solver now recomputes them instead (it used to pick the
     # fastest plan, then refuse it). Below what any plan needs, the refusal names the least one needs.
-    from mtc.cli import _TrainedModel
+    from mtc.train import TrainedModel
     from mtc.runtime.store import FIXED_HOST_BYTES, HostMemoryError
 
     ids = torch.empty(1, 131072, dtype=torch.long, device="meta")
-    planned = mtc.plan(_TrainedModel("8b").meta_model(), "80GB", {"input_ids": ids, "labels": ids}, clip=True,
+    planned = mtc.plan(TrainedModel("8b").meta_model(), "80GB", {"input_ids": ids, "labels": ids}, clip=True,
                        device="cuda", profile="h100")
     assert planned.plan.header["host_bytes"] + FIXED_HOST_BYTES <= 126 << 30
     assert planned.plan.schedule.offload == []
     with pytest.raises(HostMemoryError, match=r"host_mem=90.00 GiB is too small: the training state needs 86.48 GiB"):
-        mtc.plan(_TrainedModel("8b").meta_model(), "80GB", {"input_ids": ids, "labels": ids}, clip=True,
+        mtc.plan(TrainedModel("8b").meta_model(), "80GB", {"input_ids": ids, "labels": ids}, clip=True,
                  device="cuda", profile="h100", host_mem="90GiB")
     # Past 215,552 tokens every plan that fits the GPU offloads block inputs, and the refusal counts them.
     ids = torch.empty(1, 215680, dtype=torch.long, device="meta")
     with pytest.raises(HostMemoryError, match=r"for every streamed parameter; \d+\.\d\d GiB of it the offloaded "
                                               r"block inputs\)"):
-        mtc.plan(_TrainedModel("8b").meta_model(), "80GB", {"input_ids": ids, "labels": ids}, clip=True,
+        mtc.plan(TrainedModel("8b").meta_model(), "80GB", {"input_ids": ids, "labels": ids}, clip=True,
                  device="cuda", profile="h100")
