@@ -83,7 +83,7 @@ def main(argv=None) -> int:
     probe.add_argument("--quick", action="store_true", help="small sizes: seconds instead of a minute, rougher")
     probe.add_argument("--cpu-threads", type=_integer("--cpu-threads", 1, os.cpu_count() or 1), default=None,
                        help="threads for the CPU optimizer (default: all cores but four)")
-    probe.add_argument("--calibrate", metavar="PRESET", default=None,
+    probe.add_argument("--calibrate", metavar="PRESET", default=None, type=_nonempty("--calibrate"),
                        help="then train PRESET's spine plan a few steps (GPU) and save the rates its step showed")
     probe.add_argument("--batch", default="2x4096", type=_checked("--batch", parse_batch),
                        help="batch for --calibrate (default 2x4096)")
@@ -112,7 +112,7 @@ def main(argv=None) -> int:
                        help="threads for the CPU optimizer (default: all cores but four)")
     bench.add_argument("--no-calibrate", action="store_true",
                        help="a sweep (as --schedule) planned on the saved profile, without first timing the spine plan")
-    bench.add_argument("--schedule", default=None, metavar="solve,spine",
+    bench.add_argument("--schedule", default=None, metavar="solve,spine", type=_nonempty("--schedule"),
                        help="measured against predicted: --batch and --gpu-mem may then list several values "
                             "(comma-separated), and every combination runs on one state store")
 
@@ -206,14 +206,24 @@ def _model_arguments(parser, batch: str, gpu_mem: str, preset: str = "tiny", dev
 
 
 def _model_directory_argument(parser) -> None:
-    parser.add_argument("--model", default=None, metavar="DIR|PRESET",
+    parser.add_argument("--model", default=None, metavar="DIR|PRESET", type=_nonempty("--model"),
                         help="a Hugging Face model directory (its config.json; the weights too, to train) or a "
                              "preset, as --preset")
+
+
+def _nonempty(flag: str):
+    """An argparse type= refusing an empty value, which would otherwise read as the flag's default."""
+    def nonempty(text: str) -> str:
+        if not text.strip():
+            raise argparse.ArgumentTypeError(f"{flag}={text!r} is empty; leave the flag out for its default")
+        return text
+    return nonempty
 
 
 def _kernels(text: str) -> str | tuple[str, ...]:
     from mtc.codegen.patterns import kernel_names
 
+    _nonempty("--kernels")(text)  # "none" says no kernels; an empty value would say it by accident
     try:
         kernel_names(text)
     except ValueError as error:

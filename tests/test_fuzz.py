@@ -429,7 +429,7 @@ FLAGS = {
     "--weight-decay": lambda text, _: _number(text),
     "--clip": lambda text, _: _number(text),
     "--peer-timeout": lambda text, _: _number(text, positive=True),
-    "--kernels": lambda text, _: _accepted_by(kernel_names, text),
+    "--kernels": lambda text, _: bool(text.strip()) and _accepted_by(kernel_names, text),  # "" is not "none"
     "--preset": lambda text, _: _accepted_by(presets.preset_config, text),
     "--device": _device,
     "--profile": lambda text, _: text in PROFILES,
@@ -477,6 +477,8 @@ def test_cli_flags_are_refused_by_name_before_any_work_or_taken(command, data):
     ["bench", "--cpu-threads=0"], ["bench", f"--cpu-threads={10**9}"], ["bench", "--peer-timeout=nan"],
     ["bench", "--clip=inf"], ["bench", "--gpu-mem=80GB,"], ["probe", f"--cpu-threads={10**30}"],
     ["probe", "--device=x"], ["probe", "--batch=4by4096"], ["probe", "--gpu-mem=lots"],
+    ["train", "--kernels="], ["train", "--model="], ["plan", "--model= "], ["bench", "--schedule="],
+    ["probe", "--calibrate="],
 ])
 def test_cli_refuses_what_once_failed_late_unnamed_or_was_taken_silently(argv):
     status, stderr = run_cli(argv)
