@@ -12,8 +12,9 @@ A checkpoint is a directory of safetensors files and one JSON file, nothing pick
   from_pretrained sees only parameters;
 - rng.safetensors: the CPU generator's state and each CUDA device's;
 - config.json, for a Hugging Face model: with the weights, what AutoModelForCausalLM.from_pretrained reads;
-- mtc.json: the format, mtc and torch versions, the optimizer's hyperparameters, clipping, the step
-  count, every parameter's shape, the plan it ran under, and the caller's data position.
+- mtc.json: the format, mtc and torch versions, the optimizer's hyperparameters, clipping, whether
+  non-finite steps are skipped, the step count, every parameter's shape, the plan it ran under, and the
+  caller's data position.
 
 A save is written into a hidden sibling directory and renamed into place, so a save that is interrupted
 (even by SIGKILL) never touches the last good checkpoint; should it stop between moving the old one aside
@@ -102,6 +103,7 @@ def save(step, path, data_position: dict | None = None, progress: bool = True) -
         settings = step._settings
         meta = {"format": FORMAT, "mtc": mtc.__version__, "torch": torch.__version__, "steps": step.steps,
                 "optimizer": dataclasses.asdict(settings["optimizer"]), "clip_grad_norm": settings["clip_grad_norm"],
+                "skip_nonfinite": settings["skip_nonfinite"],
                 "compute_dtype": str(store.compute_dtype).removeprefix("torch."),
                 "parameters": {name: list(value.shape) for name, value in weights.items()},
                 "data_position": data_position, "plan": step.plan.to_json()}
@@ -148,9 +150,9 @@ def load(path, model: torch.nn.Module | None = None, gpu_mem="80GB", example=Non
     """A Step for `model` (the same architecture, on the meta device or materialised; None for a Hugging
     Face model, rebuilt from the checkpoint's config.json) that goes on from the checkpoint at `path`:
     weights, AdamW moments and step counts, RNG state, step count and data position (step.data_position).
-    The optimizer's hyperparameters and clipping are the saved ones unless given; gpu_mem, example and the
-    other options are as for mtc.compile (the plan may differ from the saved one: the state is per
-    parameter)."""
+    The optimizer's hyperparameters, clipping and skip_nonfinite are the saved ones unless given; gpu_mem,
+    example and the other options are as for mtc.compile (the plan may differ from the saved one: the state
+    is per parameter)."""
     from mtc.compile import compile
 
     path = _readable(path)
@@ -178,6 +180,8 @@ def load(path, model: torch.nn.Module | None = None, gpu_mem="80GB", example=Non
     if "init" not in compile_options:
         filled = {name for name, p in model.named_parameters() if p.is_meta}
         compile_options["init"] = _filler(model, weights, buffers)
+    # Whether non-finite steps are skipped changes the trajectory: the saved run's choice unless given.
+    compile_options.setdefault("skip_nonfinite", meta.get("skip_nonfinite", True))  # older checkpoints: default
     step = compile(model, gpu_mem, example, optimizer=optimizer, clip_grad_norm=clip, **compile_options)
     store = step._store
     for group in store.all_groups():

@@ -62,9 +62,7 @@ def compile(model: torch.nn.Module, gpu_mem="80GB", example=None, optimizer: Ada
     optimizer = optimizer if optimizer is not None else AdamW()
     if not isinstance(optimizer, AdamW):
         raise TypeError(f"optimizer={optimizer!r} is not supported; pass mtc.AdamW(lr=..., ...)")
-    if clip_grad_norm is not None and not (is_finite_number(clip_grad_norm) and clip_grad_norm > 0):
-        raise ValueError(f"clip_grad_norm={clip_grad_norm!r} is not valid; expected None or a finite number > 0")
-    clip_grad_norm = float(clip_grad_norm) if clip_grad_norm is not None else None  # torch reads an int as int64
+    clip_grad_norm = _clip_norm(clip_grad_norm)
     # More threads than cores only slow the update; a bool is an int to Python but no count of threads.
     cores = os.cpu_count() or 1
     if cpu_threads is not None and not (type(cpu_threads) is int and 1 <= cpu_threads <= cores):
@@ -270,17 +268,13 @@ class Step:
         skip_nonfinite: as in compile (default: this step's). If the new plan cannot be set up (out of device
         or host memory), the state goes back where it was and this step keeps working."""
         self._retired()
-        if clip_grad_norm != "same" and clip_grad_norm is not None and \
-                not (is_finite_number(clip_grad_norm) and clip_grad_norm > 0):
-            raise ValueError(f"clip_grad_norm={clip_grad_norm!r} is not valid; expected 'same', None or a finite "
-                             f"number > 0")
+        changes = {"clip_grad_norm": _clip_norm(clip_grad_norm)} if clip_grad_norm != "same" else {}
         if skip_nonfinite is not None and not isinstance(skip_nonfinite, bool):
             raise TypeError(f"skip_nonfinite={skip_nonfinite!r} is not valid; expected None, True or False")
         self.synchronize()
         settings = {**self._settings, "example": example if example is not None else self._settings["example"],
                     "profile": profile if profile is not None else self._settings["profile"]}
-        if clip_grad_norm != "same":
-            settings["clip_grad_norm"] = float(clip_grad_norm) if clip_grad_norm is not None else None
+        settings.update(changes)
         if skip_nonfinite is not None:
             settings["skip_nonfinite"] = skip_nonfinite
         planned = plan(settings["model"], gpu_mem if gpu_mem is not None else self.plan.schedule.gpu_mem,
@@ -367,6 +361,13 @@ class Step:
         """The global gradient norm before clipping, when clip_grad_norm is set."""
         self.synchronize()
         return self._engine.last_grad_norm
+
+
+def _clip_norm(clip_grad_norm) -> float | None:
+    """clip_grad_norm as the step uses it: None, or a finite number > 0 as a float (torch reads an int as int64)."""
+    if clip_grad_norm is not None and not (is_finite_number(clip_grad_norm) and clip_grad_norm > 0):
+        raise ValueError(f"clip_grad_norm={clip_grad_norm!r} is not valid; expected None or a finite number > 0")
+    return float(clip_grad_norm) if clip_grad_norm is not None else None
 
 
 def _host_budget(device: torch.device) -> dict:

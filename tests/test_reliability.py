@@ -229,3 +229,20 @@ def test_replan_turns_the_check_and_clipping_on_and_off_on_the_same_state():
     assert step._settings["clip_grad_norm"] == 0.1 and step.last_grad_norm > 0.1 and step.steps == 3
     with pytest.raises(ValueError, match=r"clip_grad_norm=-1 is not valid"):
         step.replan(clip_grad_norm=-1)
+
+
+def test_a_checkpoint_keeps_whether_non_finite_steps_are_skipped(tmp_path):
+    batches = list(poisoned_batches((0, 1)))
+    step = mtc.compile(PoisonedLM(), gpu_mem="60KB", example=batches[0], optimizer=HP, device="cpu",
+                       skip_nonfinite=False)
+    step(*batches[0])
+    mtc.save(step, tmp_path / "ckpt", progress=False)
+    resumed = mtc.load(tmp_path / "ckpt", PoisonedLM(), "60KB", batches[0], device="cpu", progress=False)
+    assert not resumed.plan.schedule.clip  # the saved run's choice: updates as gradients land
+    resumed(*batches[1])
+    assert resumed.skipped_steps == [] and not all(torch.isfinite(p).all() for _, p in resumed.named_parameters())
+    again = mtc.load(tmp_path / "ckpt", PoisonedLM(), "60KB", batches[0], device="cpu", progress=False,
+                     skip_nonfinite=True)
+    again(*batches[1])
+    again.synchronize()
+    assert again.skipped_steps == [2]
