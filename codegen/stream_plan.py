@@ -174,7 +174,9 @@ def lower(schedule: Schedule) -> StreamPlan:
         # The host's updates are listed (so issued) before the device's: issuing a device update launches
         # kernels chunk by chunk from the issuing thread, which would hold the host's back (measured on a
         # 3B plan, 26 resident stages: the first host update started 26 ms after the clip).
-        clip = emit("compute", "clip", None)
+        # Data parallel: the norm is of the averaged gradients, whose shards the copy-outs reduce-scatter.
+        clip = emit("compute", "clip", None,
+                    waits=[c.id for c in copy_out_of.values()] if schedule.ranks > 1 else [])
         in_read_order = sorted(copy_out_of.keys() | resident, key=lambda s: (s != SHARED, s))
         for stage in in_read_order:
             if stage not in resident:
@@ -205,6 +207,11 @@ def _emit_free(emit, compute: Instr, copy_out: Instr):
 
 def duration(plan: StreamPlan, instr: Instr, profile: HardwareProfile) -> float:
     """Predicted seconds for one instruction on the given hardware."""
+    ranks = plan.schedule.ranks
+    if instr.op in ("copy_in", "copy_out") and ranks > 1:
+        # This rank's shard over PCIe, then the others' all-gathered (or, out, reduce-scattered first).
+        pcie = profile.h2d_bytes_per_s if instr.op == "copy_in" else profile.d2h_bytes_per_s
+        return instr.bytes / ranks / pcie + instr.bytes * (ranks - 1) / ranks / (profile.link_bytes_per_s or pcie)
     if instr.op in ("copy_in", "fetch"):
         return instr.bytes / profile.h2d_bytes_per_s
     if instr.op in ("copy_out", "offload"):
@@ -217,8 +224,8 @@ def duration(plan: StreamPlan, instr: Instr, profile: HardwareProfile) -> float:
         return (3 if forward_too else 2) * plan.stages[instr.stage].forward_flops / profile.flops_per_s
     if instr.op == "optimizer" and instr.stream == "compute":
         return plan.group(instr.stage).params / profile.gpu_optimizer_params_per_s
-    if instr.op == "optimizer":
-        return plan.group(instr.stage).params / profile.optimizer_params_per_s
+    if instr.op == "optimizer":  # each rank updates its shard, on its share of the host's cores
+        return plan.group(instr.stage).params / ranks / profile.optimizer_params_per_s
     return 0.0  # clip: a norm of per-parameter norms on the device; free_grad: bookkeeping
 
 

@@ -1,7 +1,9 @@
 """mtc.compile: wire the stages of the pipeline. No algorithm lives here."""
 from __future__ import annotations
 
+import dataclasses
 import gc
+import hashlib
 import importlib
 import inspect
 import json
@@ -21,7 +23,8 @@ from mtc.passes.trace import trace_pass
 from mtc.passes.validate import validate
 from mtc.plan import Plan
 from mtc.probe import profile_for, resolve_profile
-from mtc.runtime.engine import Engine, NonFiniteError
+from mtc.runtime.distributed import DataParallel, launched, local_rank
+from mtc.runtime.engine import Engine, NonFiniteError, default_cpu_threads
 from mtc.runtime.preflight import available_host_bytes, check_gpu_memory, describe_host_memory, process_status_bytes
 from mtc.runtime.store import FIXED_HOST_BYTES, HostMemoryError, StateStore, planned_host_bytes
 from mtc.runtime.watchdog import Watchdog
@@ -35,7 +38,8 @@ def compile(model: torch.nn.Module, gpu_mem="80GB", example=None, optimizer: Ada
             clip_grad_norm: float | None = None, device=None, compute_dtype: torch.dtype | None = None,
             init=None, cpu_threads: int | None = None, progress: bool = True, profile=None,
             schedule: str = "solve", kernels="auto", tile_tokens: int = TILE_TOKENS, skip_nonfinite: bool = True,
-            max_consecutive_skips: int = MAX_CONSECUTIVE_SKIPS, watchdog: float | None = 10.0) -> "Step":
+            max_consecutive_skips: int = MAX_CONSECUTIVE_SKIPS, watchdog: float | None = 10.0,
+            distributed: bool | None = None) -> "Step":
     """Plan and build a streamed training step for `model`, called exactly as `example` calls it.
 
     A model built on the meta device is initialised block by block straight into the host store:
@@ -57,8 +61,16 @@ def compile(model: torch.nn.Module, gpu_mem="80GB", example=None, optimizer: Ada
     lands). max_consecutive_skips: that many skipped steps in a row raise NonFiniteError at the next call.
     watchdog: report on stderr, with every thread's stack, a step still running after this many times the
     plan's predicted step time (and at least runtime/watchdog.FLOOR_SECONDS); None: no watchdog.
+    distributed: data parallel over torch.distributed (runtime/distributed): every rank compiles the same model
+    and calls the step with its own rows of the batch (`example` is one rank's), and the ranks train one model
+    as a single process would on all their rows together (the loss each returns is its own rows'). Each host
+    keeps only its rank's shard of the training state. None (the default): when torchrun (or another launcher)
+    started several processes, or a process group of several ranks is initialised; the process group is made
+    (NCCL on GPUs, gloo on CPUs) if it is not. On a GPU the device is then cuda:LOCAL_RANK unless given.
     """
-    device = _device(device)
+    parallel = _data_parallel(distributed)
+    device = _rank_device(device) if parallel else _device(device)
+    parallel = DataParallel(device) if parallel else None
     optimizer = optimizer if optimizer is not None else AdamW()
     if not isinstance(optimizer, AdamW):
         raise TypeError(f"optimizer={optimizer!r} is not supported; pass mtc.AdamW(lr=..., ...)")
@@ -83,16 +95,36 @@ def compile(model: torch.nn.Module, gpu_mem="80GB", example=None, optimizer: Ada
     settings = dict(model=model, example=example, optimizer=optimizer, clip_grad_norm=clip_grad_norm, device=device,
                     compute_dtype=compute_dtype, cpu_threads=cpu_threads, profile=profile, kernels=kernels,
                     tile_tokens=tile_tokens, skip_nonfinite=skip_nonfinite, max_consecutive_skips=max_consecutive_skips,
-                    watchdog=watchdog)
+                    watchdog=watchdog, parallel=parallel)
+    if parallel is not None and cpu_threads is None:  # the ranks on a host share its cores
+        settings["cpu_threads"] = max(1, cores // parallel.local_ranks - (cores - default_cpu_threads()))
+        if device.type == "cpu":
+            torch.set_num_threads(max(1, cores // parallel.local_ranks))
     # Preflight: nothing large is allocated before the device and the host are known to have room.
     check_gpu_memory(parse_bytes(gpu_mem, "gpu_mem"), device)
-    planned = plan(model, gpu_mem, example, clip=clip_grad_norm is not None, device=device,
-                   compute_dtype=compute_dtype, profile=profile, schedule=schedule, kernels=kernels,
-                   tile_tokens=tile_tokens, skip_nonfinite=skip_nonfinite, **_host_budget(device))
+    planned = _plan_everywhere(settings, gpu_mem, schedule)
     store = StateStore([s.params for s in planned.partition.stages], planned.partition.shared_params,
                        planned.params, planned.buffers, planned.compute_dtype, device, model=model, init=init,
-                       progress=progress, resident=planned.plan.schedule.resident)
+                       progress=progress and (parallel is None or parallel.rank == 0),
+                       resident=planned.plan.schedule.resident, parallel=parallel)
     return Step(planned, store, _engine(planned, store, settings), settings)
+
+
+def _plan_everywhere(settings: dict, gpu_mem, schedule: str) -> "Planned":
+    """plan() with compile's settings; under data parallel every rank plans for the least host memory any rank
+    has, and the plans are checked to be one and the same (the ranks pair their collectives by it)."""
+    parallel = settings["parallel"]
+    budget = _host_budget(settings["device"], parallel)
+    if parallel is not None and "host_mem" in budget:
+        budget["host_mem"] = parallel.smallest(budget["host_mem"])
+    planned = plan(settings["model"], gpu_mem, settings["example"], clip=settings["clip_grad_norm"] is not None,
+                   device=settings["device"], compute_dtype=settings["compute_dtype"], profile=settings["profile"],
+                   schedule=schedule, kernels=settings["kernels"], tile_tokens=settings["tile_tokens"],
+                   skip_nonfinite=settings["skip_nonfinite"], ranks=parallel.ranks if parallel else 1, **budget)
+    if parallel is not None:
+        digest = hashlib.sha256(json.dumps(planned.plan.stream_plan.to_json(), sort_keys=True).encode()).hexdigest()
+        parallel.same_everywhere(digest, "plan")
+    return planned
 
 
 def _engine(planned: "Planned", store: StateStore, settings: dict) -> Engine:
@@ -100,7 +132,32 @@ def _engine(planned: "Planned", store: StateStore, settings: dict) -> Engine:
     return Engine(planned.plan.stream_plan, planned.partition, store, planned.costs.grad_inputs,
                   settings["optimizer"], settings["clip_grad_norm"], settings["device"], planned.compute_dtype,
                   planned.traced.unflatten_output, settings["cpu_threads"], planned.costs.row_axes,
-                  settings["skip_nonfinite"], Watchdog(planned.plan.predicted_step_seconds(), factor) if factor else None)
+                  settings["skip_nonfinite"], Watchdog(planned.plan.predicted_step_seconds(), factor) if factor else None,
+                  settings["parallel"])
+
+
+def _data_parallel(distributed) -> bool:
+    """Whether compile(distributed=...) runs data parallel (see compile)."""
+    if distributed is not None and not isinstance(distributed, bool):
+        raise TypeError(f"distributed={distributed!r} is not valid; expected None (detect torchrun), True or False")
+    import torch.distributed as dist
+
+    initialised = dist.is_available() and dist.is_initialized()
+    found = launched() or (initialised and dist.get_world_size() > 1)
+    if distributed and not (found or initialised):
+        raise ValueError("distributed=True but this process was not started by torchrun (RANK, WORLD_SIZE, "
+                         "MASTER_ADDR and MASTER_PORT are unset) and no process group is initialised; launch with "
+                         "torchrun --nproc_per_node N, or call torch.distributed.init_process_group first")
+    return found if distributed is None else distributed
+
+
+def _rank_device(device) -> torch.device:
+    """Under data parallel: a GPU without an index (or none given, with a GPU) is this rank's, cuda:LOCAL_RANK."""
+    device = _device(device)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank()) if device.index is None else device
+        torch.cuda.set_device(device)
+    return device
 
 
 class Planned:
@@ -137,13 +194,15 @@ COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 def plan(model, gpu_mem="80GB", example=None, clip: bool = False, device=None, compute_dtype=None,
          profile=None, host_mem=None, schedule: str = "solve", kernels="auto",
-         tile_tokens: int = TILE_TOKENS, skip_nonfinite: bool = True, host_mem_source: str | None = None) -> Planned:
+         tile_tokens: int = TILE_TOKENS, skip_nonfinite: bool = True, host_mem_source: str | None = None,
+         ranks: int = 1) -> Planned:
     """Run the planning passes only: nothing is allocated, so a meta-device model plans for free.
 
     host_mem: host RAM to plan for (default: the profile's); a plan whose store would not fit is refused, naming
     host_mem_source (where host_mem came from) if given.
     clip: the step clips by the global gradient norm. schedule, tile_tokens, skip_nonfinite: as in compile
-    (with clip or skip_nonfinite, the updates wait for the global norm).
+    (with clip or skip_nonfinite, the updates wait for the global norm). ranks: data-parallel ranks, each
+    running the plan on the example's shapes (host_mem is then each rank's).
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model={type(model).__name__} is not valid; expected a torch.nn.Module")
@@ -156,6 +215,8 @@ def plan(model, gpu_mem="80GB", example=None, clip: bool = False, device=None, c
         raise ValueError(f"schedule={schedule!r} is not valid; expected one of {', '.join(map(repr, SCHEDULES))}")
     if isinstance(tile_tokens, bool) or not isinstance(tile_tokens, int) or tile_tokens < 1:
         raise ValueError(f"tile_tokens={tile_tokens!r} is not valid; expected a number of tokens >= 1")
+    if isinstance(ranks, bool) or not isinstance(ranks, int) or ranks < 1:
+        raise ValueError(f"ranks={ranks!r} is not valid; expected a number of data-parallel ranks >= 1")
     gpu_mem = parse_bytes(gpu_mem, "gpu_mem")
     host_mem = parse_bytes(host_mem, "host_mem") if host_mem is not None else None
     device = _device(device, must_exist=False)
@@ -182,8 +243,8 @@ def plan(model, gpu_mem="80GB", example=None, clip: bool = False, device=None, c
     params = dict(model.named_parameters())
     buffers = {**dict(model.named_buffers()), **traced.constants}
     inputs = traced.flatten_inputs(args, kwargs)
-    costs = timed("costs", costs_pass, partition, params, buffers, inputs, compute_dtype, traced.unflatten_output,
-                  tile_tokens)
+    costs = dataclasses.replace(timed("costs", costs_pass, partition, params, buffers, inputs, compute_dtype,
+                                      traced.unflatten_output, tile_tokens), ranks=ranks)
     # Unless given: a profile `mtc probe` saved for this GPU, else the shipped one for its name.
     profile = resolve_profile(profile) if profile is not None else profile_for(
         device, device_known=device.type != "cuda" or torch.cuda.is_available())
@@ -277,11 +338,7 @@ class Step:
         settings.update(changes)
         if skip_nonfinite is not None:
             settings["skip_nonfinite"] = skip_nonfinite
-        planned = plan(settings["model"], gpu_mem if gpu_mem is not None else self.plan.schedule.gpu_mem,
-                       settings["example"], clip=settings["clip_grad_norm"] is not None, device=settings["device"],
-                       compute_dtype=settings["compute_dtype"], profile=settings["profile"], schedule=schedule,
-                       kernels=settings["kernels"], tile_tokens=settings["tile_tokens"],
-                       skip_nonfinite=settings["skip_nonfinite"], **_host_budget(settings["device"]))
+        planned = _plan_everywhere(settings, gpu_mem if gpu_mem is not None else self.plan.schedule.gpu_mem, schedule)
         if [s.params for s in planned.partition.stages] != [s.params for s in self._planned.partition.stages]:
             raise ValueError("the new example partitions the model differently; compile it again instead")
         self._engine = None  # its device buffers go before the new plan's are made
@@ -339,6 +396,11 @@ class Step:
             f"after step {skipped[-limit] - 1}: save them, then lower the learning rate or check the data")
 
     @property
+    def parallel(self):
+        """The data-parallel ranks this step trains with (runtime/distributed.DataParallel), or None."""
+        return self._settings["parallel"]
+
+    @property
     def skipped_steps(self) -> list[int]:
         """The steps (numbered from 1, as step.steps counts) whose loss or gradient norm was not finite and
         which therefore updated nothing, as far as the CPU optimizer has got (synchronize() first for all)."""
@@ -370,15 +432,17 @@ def _clip_norm(clip_grad_norm) -> float | None:
     return float(clip_grad_norm) if clip_grad_norm is not None else None
 
 
-def _host_budget(device: torch.device) -> dict:
+def _host_budget(device: torch.device, parallel: DataParallel | None = None) -> dict:
     """plan()'s host_mem for compile on a GPU: what the host can give now and what this process already holds
     (the process's own share is part of FIXED_HOST_BYTES, which CUDA's libraries dominate); off Linux, the
-    profile's. On the CPU the store's own check against what is available suffices."""
+    profile's. On the CPU the store's own check against what is available suffices. Under data parallel the
+    ranks on a host share what it can give."""
     available, held = available_host_bytes(), process_status_bytes("VmRSS") or 0
     if available is None or device.type != "cuda":
         return {}
-    return {"host_mem": available + held, "host_mem_source": f"what this host can give now "
-            f"({describe_host_memory()}) and the {format_bytes(held)} this process holds"}
+    share, ranks = (parallel.local_ranks, f", shared by its {parallel.local_ranks} ranks") if parallel else (1, "")
+    return {"host_mem": available // share + held, "host_mem_source": f"what this host can give now "
+            f"({describe_host_memory()}{ranks}) and the {format_bytes(held)} this process holds"}
 
 
 def _device(device, must_exist: bool = True) -> torch.device:

@@ -108,6 +108,9 @@ class HardwareProfile:
     """AdamW rate on the device for resident stages (bf16 gradient widened, fp32 state, bf16 weights out)."""
     host_bytes: int = 0
     """Host RAM (0: unknown)."""
+    link_bytes_per_s: float = 0.0
+    """Data parallel: the rate one GPU all-gathers or reduce-scatters at with the others of its host (bytes that
+    cross to or from the others, a second). 0: unknown, taken as h2d_bytes_per_s (peers over PCIe)."""
     source: str = ""
     """Where the numbers come from: a probe (machine, date) or the measurements and specs they rest on."""
 
@@ -119,6 +122,9 @@ class HardwareProfile:
         return cls(**data)
 
 
+NVLINK4_BYTES_PER_S = 360e9
+"""Not measured here (no machine of several GPUs was lent): NVLink 4 carries 450 GB/s a direction per H100/H200
+SXM (NVIDIA's 900 GB/s total), and NCCL's all-gather reaches about 80% of it."""
 # The rates steps reached on the H100 machines (80GB HBM3, PCIe 5, 16 cores), from traced steps in the
 # BENCHMARKS.md runs of 2026-11-22: compute with the Triton kernels in place (the default on a GPU) at 535
 # TFLOP/s in 3B 4x4096 steps and 584 in 8B ones (without them 403 and 482: norms, rotary and the
@@ -128,7 +134,7 @@ class HardwareProfile:
 # TFLOP/s) were measured apart from a training step, and predicted eager steps 1.2-1.7x too fast.
 H100 = HardwareProfile(
     "h100", h2d_bytes_per_s=42e9, d2h_bytes_per_s=41e9, flops_per_s=550e12, optimizer_params_per_s=2.2e9,
-    gpu_optimizer_params_per_s=33e9, host_bytes=126 << 30,
+    gpu_optimizer_params_per_s=33e9, host_bytes=126 << 30, link_bytes_per_s=NVLINK4_BYTES_PER_S,
     source="H100 80GB HBM3 on PCIe 5, 16 cores: lane rates of traced 3B, 8B and 12B steps, compute with the Triton "
            "kernels (BENCHMARKS.md, 2026-11-22)")
 # The rates steps reached on the H200 machines (141 GB, PCIe 5, 16 cores), calibrated in-step in the
@@ -136,7 +142,7 @@ H100 = HardwareProfile(
 # TFLOP/s in 3B 4x4096 steps and 590 in 8B ones (without them 433 and 501), taken between.
 H200 = HardwareProfile(
     "h200", h2d_bytes_per_s=50e9, d2h_bytes_per_s=51e9, flops_per_s=575e12, optimizer_params_per_s=2.0e9,
-    gpu_optimizer_params_per_s=39e9, host_bytes=126 << 30,
+    gpu_optimizer_params_per_s=39e9, host_bytes=126 << 30, link_bytes_per_s=NVLINK4_BYTES_PER_S,
     source="H200 141GB on PCIe 5, 16 cores: lane rates of traced 3B and 8B steps, compute with the Triton kernels "
            "(BENCHMARKS.md, 2026-11-22)")
 # Not measured here: PCIe 4 x16 carries ~25 GB/s pinned one way, less with both ways and AdamW beside it;
@@ -151,6 +157,6 @@ RTX4090 = HardwareProfile(
     gpu_optimizer_params_per_s=17e9, source="spec-derived (PCIe 4, 165 TFLOP/s bf16, 1 TB/s); not measured")
 # A 2-core CI machine, order-of-magnitude only: the CPU engine runs the same plan in order.
 CPU = HardwareProfile("cpu", h2d_bytes_per_s=5e9, d2h_bytes_per_s=5e9, flops_per_s=50e9,
-                      optimizer_params_per_s=0.2e9, gpu_optimizer_params_per_s=0.2e9,
+                      optimizer_params_per_s=0.2e9, gpu_optimizer_params_per_s=0.2e9, link_bytes_per_s=2e9,
                       source="order of magnitude for a small CPU machine")
 PROFILES = {profile.name: profile for profile in (H100, H200, A100, RTX4090, CPU)}

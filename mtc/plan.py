@@ -87,10 +87,17 @@ class Plan:
             _row_check_line(schedule, h.get("not_chunkable", {})),
             _tiles_line(schedule, h.get("tails", {}), h.get("no_tail", {})),
             f"device peak {format_bytes(schedule.peak_bytes)} of {format_bytes(schedule.gpu_mem)}",
+            *([f"data parallel: {schedule.ranks} ranks, each on its rows of the batch; a streamed stage's copies move "
+               f"1/{schedule.ranks} of its bytes over PCIe and all-gather (in) or reduce-scatter (out) the rest "
+               f"between the GPUs at {(profile.link_bytes_per_s or profile.h2d_bytes_per_s) / 1e9:g} GB/s; each host "
+               f"keeps and updates 1/{schedule.ranks} of the training state; resident stages' gradients are "
+               f"all-reduced"]
+              if schedule.ranks > 1 else []),
             f"per step: {format_bytes(sum(i.bytes for i in self.stream_plan.on('h2d')))} in, "
             f"{format_bytes(sum(i.bytes for i in self.stream_plan.on('d2h')))} out; profile '{profile.name}' "
             f"({profile.source})" if profile.source else f"profile '{profile.name}'",
             f"host: {format_bytes(h['host_bytes'])} for the training state"
+            + (f" on each of the {schedule.ranks} ranks" if schedule.ranks > 1 else "")
             + (f" of {format_bytes(h['host_mem'])} host RAM" if h.get("host_mem") else "")
             + f", plus the process (about {format_bytes(FIXED_HOST_BYTES)})",
             f"predicted TFLOP/s: {3 * sum(s.forward_flops for s in stages) / self.predicted_step_seconds() / 1e12:.0f} "

@@ -83,6 +83,8 @@ class Costs:
     """Per stage: where its inputs and outputs hold the batch's rows, or why it cannot run in chunks."""
     tile_tokens: int = TILE_TOKENS
     """Tokens per tile of a tiled tail (StageCost.tiles)."""
+    ranks: int = 1
+    """Data-parallel ranks, each with these costs on its own rows of the batch (runtime/distributed)."""
 
 
 def costs_pass(partition: Partition, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],

@@ -82,6 +82,9 @@ class Schedule:
     the chunk, what it keeps between forward and backward does not."""
     tile_tokens: int = 0
     """Tokens per tile of the stages whose tail runs in token tiles (tiled())."""
+    ranks: int = 1
+    """Data-parallel ranks running this plan (runtime/distributed): a streamed stage's copies move 1/ranks of
+    its bytes over PCIe and the rest between the GPUs, and each host updates 1/ranks of the state."""
 
     def policy(self, stage: int) -> str:
         """'keep', 'recompute' or 'offload': what the stage's backward starts from, and where it waits."""
@@ -331,7 +334,7 @@ def fixed_plan(costs: Costs, gpu_mem: int, clip: bool, slots: int, resident: lis
     schedule = Schedule(stages, costs.shared, uses, slots, slot_bytes, resident_bytes, gpu_mem, clip, 0,
                         sorted(resident), sorted(set(keep) - {count - 1}),
                         sorted(i for i in set(offload) - set(keep) - {count - 1} if stages[i].offload_bytes),
-                        chunks, costs.tile_tokens)
+                        chunks, costs.tile_tokens, costs.ranks)
     peak, where = peak_memory(schedule)
     schedule.peak_bytes = peak
     budget = int(gpu_mem * (1 - ALLOCATOR_HEADROOM))

@@ -16,6 +16,11 @@ step's optimizer). On the CPU the same code runs with the streams as plain calls
 When the plan gates the updates (clipping, or the non-finite check), the clip instruction also flags a step
 whose loss or global norm is not finite: every update of that step then leaves its group as it was (on the
 device without a host sync: the fused kernel's found_inf), and the optimizer thread counts the skip.
+
+Under data parallel (runtime/distributed) the copies are collectives too: a copy-in brings this rank's shard of
+the weights and all-gathers the rest on the device, a copy-out reduce-scatters the gradient and sends this rank's
+shard of it to the host; a resident stage's gradient is all-reduced after its backward. The global norm is of
+the averaged gradient: the squares of each rank's per-parameter norms of its shards, summed over the ranks.
 """
 from __future__ import annotations
 
@@ -34,7 +39,7 @@ from mtc.passes.costs import find_loss
 from mtc.passes.partition import Partition, resolve_output
 
 from . import templates
-from .optimizer import adamw_step, clip_coefficient, parameter_norms, scratch_for
+from .optimizer import adamw_step, clip_coefficient, global_norm, parameter_norms, scratch_for
 from .preflight import pin_in_place
 from .store import Group, StateStore
 from .watchdog import Watchdog
@@ -117,8 +122,8 @@ class Engine:
     def __init__(self, plan: StreamPlan, partition: Partition, store: StateStore, grad_inputs: dict[str, bool],
                  optimizer: AdamW, clip_grad_norm: float | None, device: torch.device, compute_dtype: torch.dtype,
                  unflatten_output, cpu_threads: int | None = None, row_axes: list | None = None,
-                 skip_nonfinite: bool = True, watchdog: Watchdog | None = None):
-        self.plan, self.partition, self.store = plan, partition, store
+                 skip_nonfinite: bool = True, watchdog: Watchdog | None = None, parallel=None):
+        self.plan, self.partition, self.store, self.parallel = plan, partition, store, parallel
         self.grad_inputs, self.optimizer, self.clip_grad_norm = grad_inputs, optimizer, clip_grad_norm
         self.device, self.compute_dtype, self.unflatten_output = device, compute_dtype, unflatten_output
         self.cuda = device.type == "cuda"
@@ -187,6 +192,7 @@ class Engine:
         self.values = {name: (v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
                        for name, v in zip(self.partition.graph_inputs, flat_inputs)}
         self.grads, self.kept, self.grad_of, self.norms = {}, {}, {}, {}
+        self.shard_norms, self.resident_norms = [], []  # data parallel: of the averaged gradients
         self.loss = None
         if self.shared_grad is not None:
             self._wait_previous_shared_copy_out()
@@ -276,18 +282,33 @@ class Engine:
     # -- copies -------------------------------------------------------------------------------------
     def _copy_in(self, instr):
         if instr.stage == SHARED:
-            self.shared_weights.copy_(self.store.shared.stream, non_blocking=True)
+            self._gather_in(self.shared_weights, self.store.shared)
             return
         group = self.store.groups[instr.stage]
-        self.slots[instr.slot][:group.numel].copy_(group.stream, non_blocking=True)
+        self._gather_in(self.slots[instr.slot][:group.numel], group)
         self.slot_holds[instr.slot] = instr.stage
+
+    def _gather_in(self, weights: torch.Tensor, group: Group) -> None:
+        """The group's weights from the host into `weights`: under data parallel this rank's shard, then the
+        other ranks' all-gathered into place."""
+        weights[slice(*group.shard)].copy_(group.stream, non_blocking=True)
+        if group.sharded:
+            self.parallel.gather(weights)
 
     def _copy_out(self, instr):
         if instr.stage == SHARED:
-            self.store.shared.grad.copy_(self.shared_grad, non_blocking=True)
+            group, grad = self.store.shared, self.shared_grad
         else:
             group = self.store.groups[instr.stage]
-            group.grad.copy_(self.grad_of[instr.stage][:group.numel], non_blocking=True)
+            grad = self.grad_of[instr.stage][:group.numel]
+        if group.sharded:  # this rank's shard of the ranks' mean gradient
+            grad = self.parallel.reduce_scatter(grad)
+            if self.gated:  # per parameter (part), with the kernel eager PyTorch's clipping uses
+                norms = parameter_norms([grad[start:end] for start, end in group.shard_pieces()])
+                for norm in norms if self.cuda else ():
+                    norm.record_stream(self.compute)  # made on the copy-out stream, read by the clip
+                self.shard_norms += norms
+        group.grad.copy_(grad, non_blocking=True)
 
     def _free_grad(self, instr):
         # Back to the caching allocator, as the plan counts it: the compute stream has waited for the
@@ -394,7 +415,12 @@ class Engine:
             if grad is not None:
                 self.grads[name] = grad if name not in self.grads else self.grads[name] + grad
         if instr.stage in self.resident:
-            self._flatten_grads(instr.stage, stage, weight_grads, self.store.groups[instr.stage].grad)
+            grad = self._flatten_grads(instr.stage, stage, weight_grads, self.store.groups[instr.stage].grad)
+            if self.parallel is not None:  # every rank updates the whole group, with the ranks' mean gradient
+                self.parallel.all_reduce(grad, average=True)
+                if self.gated:
+                    group = self.store.groups[instr.stage]
+                    self.resident_norms += parameter_norms([grad[a:b] for a, b in group.shard_pieces()])
         else:
             flat = torch.zeros(self.slot_numel, dtype=self.compute_dtype, device=self.device)
             self.grad_of[instr.stage] = self._flatten_grads(instr.stage, stage, weight_grads, flat)
@@ -413,7 +439,7 @@ class Engine:
                 continue
             else:
                 Group.view(self.shared_grad, shared[name]).add_(grad)
-        if self.gated:
+        if self.gated and self.parallel is None:  # data parallel: the norms of the averaged gradients
             names = [name for name, grad in zip(stage.params, weight_grads) if grad is not None and name in own]
             self.norms.update(zip(names, parameter_norms([Group.view(flat, own[n]) for n in names])))
         return flat
@@ -421,12 +447,16 @@ class Engine:
     # -- the global norm and the updates --------------------------------------------------------------
     def _clip(self, instr):
         """The gate: the global gradient norm, the clip coefficient, and whether the step is skipped."""
-        if self.store.shared:
-            views = self.store.shared.views(self.shared_grad)
-            self.norms.update(zip(views, parameter_norms(list(views.values()))))
-        total, self.clip_coef = clip_coefficient(
-            [self.norms[name] for name in self.store.order if name in self.norms], self.clip_grad_norm)
-        finite = torch.isfinite(total) & torch.isfinite(self.loss)
+        if self.parallel is not None:
+            total, finite_loss = self._parallel_norm()
+        else:
+            if self.store.shared:
+                views = self.store.shared.views(self.shared_grad)
+                self.norms.update(zip(views, parameter_norms(list(views.values()))))
+            total = global_norm([self.norms[name] for name in self.store.order if name in self.norms])
+            finite_loss = torch.isfinite(self.loss)
+        self.clip_coef = clip_coefficient(total, self.clip_grad_norm)
+        finite = torch.isfinite(total) & finite_loss
         self.skip_flag = (~finite).float() if self.skip_nonfinite else None
         gate = torch.stack([total, self.clip_coef if self.clip_coef is not None else torch.ones_like(total),
                             self.skip_flag if self.skip_flag is not None else torch.zeros_like(total)])
@@ -439,6 +469,15 @@ class Engine:
             landed.record(self.compute)
         step = self.step_index
         self.worker.submit(SKIP_COUNT, step, lambda: self._count_skip(step, landed))
+
+    def _parallel_norm(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the norm of the ranks' mean gradient, whether every rank's loss is finite): the shards' squared norms
+        summed over the ranks, plus the resident groups' (whole on every rank)."""
+        zero = torch.zeros((), dtype=torch.float32, device=self.device)
+        shards = torch.stack(self.shard_norms).square().sum() if self.shard_norms else zero
+        summed = self.parallel.all_reduce(torch.stack([shards, (~torch.isfinite(self.loss)).float()]))
+        resident = torch.stack(self.resident_norms).square().sum() if self.resident_norms else zero
+        return (summed[0] + resident).sqrt(), summed[1] == 0
 
     def _count_skip(self, step: int, landed) -> None:
         """On the optimizer thread (queued ahead of the step's host updates): note whether it was skipped."""

@@ -17,7 +17,8 @@ from .store import Group
 
 def scratch_for(groups: list[Group], device="cpu") -> torch.Tensor:
     """The fp32 scratch one optimizer lane needs: a chunk of the largest group."""
-    return torch.empty(min(CHUNK, max((g.numel for g in groups), default=0)), dtype=torch.float32, device=device)
+    largest = max((g.master.numel() for g in groups), default=0)  # this rank's shards under data parallel
+    return torch.empty(min(CHUNK, largest), dtype=torch.float32, device=device)
 
 
 def adamw_step(group: Group, hp: AdamW, scratch: torch.Tensor, clip_coef: torch.Tensor | None = None,
@@ -27,8 +28,9 @@ def adamw_step(group: Group, hp: AdamW, scratch: torch.Tensor, clip_coef: torch.
     the fused kernel then leaves weights, moments and step count as they were (torch's GradScaler path),
     and the stream copy, which a bf16 gradient borrowed, is rewritten from the unchanged master."""
     group.step += 1 if skip is None else 1 - skip
-    for start in range(0, group.numel, CHUNK):
-        end = min(start + CHUNK, group.numel)
+    numel = group.master.numel()  # this rank's shard under data parallel
+    for start in range(0, numel, CHUNK):
+        end = min(start + CHUNK, numel)
         grad = group.grad[start:end]
         if grad.dtype != torch.float32:
             grad = scratch[:end - start].copy_(grad)
@@ -48,9 +50,12 @@ def parameter_norms(grads: list[torch.Tensor]) -> list[torch.Tensor]:
     return list(torch._foreach_norm([g.float() for g in grads], 2.0)) if grads else []
 
 
-def clip_coefficient(norms_in_model_order: list[torch.Tensor], max_norm: float | None
-                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(total norm, clip coefficient) with the arithmetic of torch.nn.utils.clip_grad_norm_, step for step:
-    AdamW magnifies any rounding difference in the scale. max_norm None: the norm only (no clipping)."""
-    total = torch.linalg.vector_norm(torch.stack(norms_in_model_order), 2.0)
-    return total, None if max_norm is None else torch.clamp(max_norm / (total + 1e-6), max=1.0)
+def global_norm(norms_in_model_order: list[torch.Tensor]) -> torch.Tensor:
+    """The total norm of per-parameter norms, as torch.nn.utils.clip_grad_norm_ takes it, step for step: AdamW
+    magnifies any rounding difference in the scale."""
+    return torch.linalg.vector_norm(torch.stack(norms_in_model_order), 2.0)
+
+
+def clip_coefficient(total: torch.Tensor, max_norm: float | None) -> torch.Tensor | None:
+    """clip_grad_norm_'s scale for a total norm; None without clipping."""
+    return None if max_norm is None else torch.clamp(max_norm / (total + 1e-6), max=1.0)

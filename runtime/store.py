@@ -22,7 +22,7 @@ from mtc.config import format_bytes
 
 from .preflight import available_host_bytes, check_locked_memory, describe_host_memory, pin_in_place
 
-_ALIGN = 16
+ALIGN = 16
 """Each parameter starts at a multiple of 16 elements (64 B in fp32) so its view is vector-aligned."""
 
 
@@ -45,7 +45,7 @@ def layout(params: list[tuple[str, torch.Size]]) -> tuple[list[Slice], int]:
     slices, offset = [], 0
     for name, shape in params:
         slices.append(Slice(name, torch.Size(shape), offset))
-        offset += -(-torch.Size(shape).numel() // _ALIGN) * _ALIGN
+        offset += -(-torch.Size(shape).numel() // ALIGN) * ALIGN
     return slices, offset
 
 
@@ -56,38 +56,66 @@ host); a stage kept whole on the device (weights, gradient, master and moments; 
 
 class Group:
     def __init__(self, name: str, params: list[tuple[str, torch.Size]], compute_dtype: torch.dtype, kind: str,
-                 device: torch.device):
+                 device: torch.device, parallel=None):
         self.name, self.kind = name, kind
         self.slices, self.numel = layout(params)
+        self.shard = (0, self.numel)
+        if parallel is not None:
+            self.numel = parallel.padded(self.numel)
+            self.shard = parallel.shard(self.numel) if kind != RESIDENT else (0, self.numel)
         on = device if kind == RESIDENT else torch.device("cpu")
-        self.master = torch.zeros(self.numel, dtype=torch.float32, device=on)
+        self.master = torch.zeros(self.shard[1] - self.shard[0], dtype=torch.float32, device=on)
         self.exp_avg = torch.zeros_like(self.master)
         self.exp_avg_sq = torch.zeros_like(self.master)
         self.step = torch.zeros((), dtype=torch.float32, device=on)
-        self.stream = self.master if compute_dtype == torch.float32 else torch.zeros(
-            self.numel, dtype=compute_dtype, device=on)
+        self.stream = self.master if compute_dtype == torch.float32 else torch.zeros_like(self.master,
+                                                                                        dtype=compute_dtype)
         grad_in_stream = kind == STREAMED and compute_dtype != torch.float32
-        self.grad = self.stream if grad_in_stream else torch.zeros(
-            self.numel, dtype=compute_dtype if kind == RESIDENT else torch.float32, device=on)
+        self.grad = self.stream if grad_in_stream else torch.zeros_like(
+            self.master, dtype=compute_dtype if kind == RESIDENT else torch.float32)
         if device.type == "cuda" and kind != RESIDENT:
             for buffer in {id(b): b for b in (self.stream, self.grad) if b is not self.master}.values():
                 pin_in_place(buffer)
 
+    @property
+    def sharded(self) -> bool:
+        return self.shard != (0, self.numel)
+
+    def shard_pieces(self) -> list[tuple[int, int]]:
+        """[start, end) within this rank's shard of each parameter's part in it, in the group's order."""
+        start, end = self.shard
+        pieces = [(max(p.offset, start) - start, min(p.offset + p.numel, end) - start) for p in self.slices]
+        return [(a, b) for a, b in pieces if a < b]
+
     @staticmethod
-    def host_bytes(numel: int, compute_dtype: torch.dtype, kind: str, device: torch.device) -> int:
-        """Host bytes a group of `numel` elements allocates: what the preflight check adds up."""
+    def host_bytes(numel: int, compute_dtype: torch.dtype, kind: str, device: torch.device, ranks: int = 1) -> int:
+        """Host bytes a group of `numel` elements allocates on each of `ranks` data-parallel ranks (a shard each,
+        but a resident group whole): what the preflight check adds up."""
         if kind == RESIDENT and device.type != "cpu":
             return 0
+        numel = -(-numel // ranks) if kind != RESIDENT else numel
         low = compute_dtype != torch.float32
         stream = numel * compute_dtype.itemsize if low else 0
         grad = 0 if kind == STREAMED and low else numel * (compute_dtype.itemsize if kind == RESIDENT else 4)
         return numel * 12 + stream + grad
 
-    def load(self, values: dict[str, torch.Tensor]) -> None:
-        for piece in self.slices:
-            master, value = self.view(self.master, piece), values[piece.name].detach()
-            if value.data_ptr() != master.data_ptr():  # else initialised in place (see materialised)
-                master.copy_(value)
+    def load(self, values: dict[str, torch.Tensor] | None, parallel=None) -> None:
+        """The master weights (and the stream copy) from `values`, by parameter name. Under data parallel only rank
+        0 gives values: it sends each rank its shard (a resident group whole)."""
+        full = self.master if not self.sharded and self.master.device.type == "cpu" else \
+            torch.zeros(self.numel, dtype=torch.float32) if values is not None else None
+        if values is not None:
+            for piece in self.slices:
+                master, value = self.view(full, piece), values[piece.name].detach()
+                if value.data_ptr() != master.data_ptr():  # else initialised in place (see materialised)
+                    master.copy_(value)
+        if parallel is not None and self.sharded:
+            parallel.scatter(self.master, full)
+        elif parallel is not None:
+            full = full if full is not None else torch.empty(self.numel, dtype=torch.float32)
+            parallel.broadcast(full)
+        if full is not self.master and not self.sharded:
+            self.master.copy_(full)
         if self.stream is not self.master:
             self.stream.copy_(self.master)
 
@@ -153,12 +181,13 @@ FIXED_HOST_BYTES = 5 << 30
 
 
 def planned_host_bytes(schedule, compute_dtype: torch.dtype, device: torch.device) -> int:
-    """The store's host bytes for a schedule, before anything is allocated (alignment padding aside)."""
-    resident = set(schedule.resident)
-    total = sum(Group.host_bytes(stage.params, compute_dtype, RESIDENT if index in resident else STREAMED, device)
-                for index, stage in enumerate(schedule.stages))
+    """The store's host bytes for a schedule on each of its data-parallel ranks, before anything is allocated
+    (alignment padding aside)."""
+    resident, ranks = set(schedule.resident), schedule.ranks
+    total = sum(Group.host_bytes(stage.params, compute_dtype, RESIDENT if index in resident else STREAMED, device,
+                                 ranks) for index, stage in enumerate(schedule.stages))
     if schedule.shared:
-        total += Group.host_bytes(schedule.shared.params, compute_dtype, SHARED, device)
+        total += Group.host_bytes(schedule.shared.params, compute_dtype, SHARED, device, ranks)
     return total + sum(schedule.stages[i].offload_bytes for i in schedule.offload)  # offloaded inputs
 
 
@@ -168,42 +197,56 @@ class StateStore:
     def __init__(self, stage_params: list[list[str]], shared: list[str], params: dict[str, torch.Tensor],
                  buffers: dict[str, torch.Tensor], compute_dtype: torch.dtype, device: torch.device,
                  model: torch.nn.Module | None = None, init=None, progress: bool = True,
-                 resident: list[int] = ()):
+                 resident: list[int] = (), parallel=None):
+        """parallel: the data-parallel ranks (runtime/distributed.DataParallel), or None. Then this rank keeps its
+        shard of each streamed and the shared group, and rank 0 initialises the weights and sends them out."""
         init = init or reset_parameters
-        self.compute_dtype, self.device = compute_dtype, device
+        self.compute_dtype, self.device, self.parallel = compute_dtype, device, parallel
+        ranks = parallel.ranks if parallel else 1
+        first = parallel is None or parallel.rank == 0
         shared_set = set(shared)
         specs = [(f"stage{i}", [n for n in names if n not in shared_set], RESIDENT if i in resident else STREAMED)
                  for i, names in enumerate(stage_params)]
         if shared:
             specs.append(("shared", list(shared), SHARED))
         sizes = [layout([(n, params[n].shape) for n in names])[1] for _, names, _ in specs]
-        needed = sum(Group.host_bytes(numel, compute_dtype, kind, device) for numel, (_, _, kind) in zip(sizes, specs))
+        needed = sum(Group.host_bytes(numel, compute_dtype, kind, device, ranks)
+                     for numel, (_, _, kind) in zip(sizes, specs))
         self.host_bytes = needed
-        self.host_params = sum(numel for numel, (_, _, kind) in zip(sizes, specs)
+        self.host_params = sum(-(-numel // ranks) for numel, (_, _, kind) in zip(sizes, specs)
                                if Group.host_bytes(numel, compute_dtype, kind, device))
-        """Elements whose state is on the host (host_bytes / host_params: bytes per parameter)."""
+        """Elements whose state is on this rank's host (host_bytes / host_params: bytes per parameter)."""
         available = available_host_bytes()
+        if parallel is not None:  # the ranks on this host share its RAM; all of them refuse, or none
+            available = parallel.smallest(available if available is not None else -1)
+            available = available // parallel.local_ranks if available >= 0 else None
         if available is not None and needed > available:
             already = sum(p.numel() * p.element_size() for p in params.values() if not p.is_meta)
             raise HostMemoryError(
                 f"the training state needs {format_bytes(needed)} of host RAM ({needed / max(1, self.host_params):.1f} "
                 f"bytes per parameter: fp32 master and two Adam moments, plus the bf16 copy that streams) but only "
-                f"{format_bytes(available)} is available ({describe_host_memory()})" + (
+                f"{format_bytes(available)} is available ({describe_host_memory()}"
+                + (f", shared by this host's {parallel.local_ranks} ranks" if parallel else "") + ")" + (
                     f"; the model's own materialised parameters hold {format_bytes(already)}: build it on the "
                     f"meta device (with torch.device('meta')) and mtc initialises it block by block" if already else ""))
         if device.type == "cuda":  # the copies' buffers (stream copies, gradient slabs), not the fp32 state
-            check_locked_memory(sum(Group.host_bytes(numel, compute_dtype, kind, device) - 12 * numel
-                                    for numel, (_, _, kind) in zip(sizes, specs) if kind != RESIDENT))
+            check_locked_memory(sum(Group.host_bytes(numel, compute_dtype, kind, device, ranks)
+                                    - 12 * -(-numel // ranks) for numel, (_, _, kind) in zip(sizes, specs)
+                                    if kind != RESIDENT))
 
         start = time.perf_counter()
         groups = []
         total = sum(numel for numel in sizes)
-        with _progress(total, progress, "mtc: building the state store") as bar:
+        with _progress(total, progress and first, "mtc: building the state store") as bar:
             for (name, names, kind), numel in zip(specs, sizes):
-                group = Group(name, [(n, params[n].shape) for n in names], compute_dtype, kind, device)
-                host_master = group.views(group.master) if group.master.device.type == "cpu" else None
-                with _values(model, params, names, init, host_master) as values:
-                    group.load(values)
+                group = Group(name, [(n, params[n].shape) for n in names], compute_dtype, kind, device, parallel)
+                # Initialised straight into the host's master weights where they are whole there.
+                into = group.views(group.master) if group.master.device.type == "cpu" and not group.sharded else None
+                if first:
+                    with _values(model, params, names, init, into) as values:
+                        group.load(values, parallel)
+                else:
+                    group.load(None, parallel)
                 groups.append(group)
                 bar.update(numel)
         self.build_seconds = time.perf_counter() - start
@@ -222,23 +265,43 @@ class StateStore:
 
     def place(self, resident: list[int]) -> None:
         """Move stage groups between host and device so that exactly `resident` are on the device; the
-        state (master, moments, step count, weights) goes with them."""
+        state (master, moments, step count, weights) goes with them. Under data parallel every rank calls it:
+        a group leaving the device keeps this rank's shard, one coming to it gathers every rank's."""
         for index, group in enumerate(self.groups):
             kind = RESIDENT if index in resident else STREAMED
             if group.kind != kind:
                 moved = Group(group.name, [(s.name, s.shape) for s in group.slices], self.compute_dtype, kind,
-                              self.device)
+                              self.device, self.parallel)
                 for name in ("master", "exp_avg", "exp_avg_sq", "step", "stream"):
-                    getattr(moved, name).copy_(getattr(group, name))
+                    source, target = getattr(group, name), getattr(moved, name)
+                    if source.numel() > target.numel():  # whole -> this rank's shard
+                        source = source[slice(*moved.shard)]
+                    elif source.numel() < target.numel():  # a shard -> whole
+                        source = self.parallel.host_all_gather(source.cpu())
+                    target.copy_(source)
                 self.groups[index] = moved
 
     def all_groups(self) -> list[Group]:
         return self.groups + ([self.shared] if self.shared else [])
 
+    def whole(self, group: Group, buffer: torch.Tensor) -> torch.Tensor:
+        """One of `group`'s state buffers (master, exp_avg, exp_avg_sq) whole: under data parallel every rank
+        calls this and gets every rank's shards gathered."""
+        return self.parallel.host_all_gather(buffer) if group.sharded else buffer
+
+    def whole_on_first(self, group: Group, buffer: torch.Tensor) -> torch.Tensor | None:
+        """As whole(), gathered on rank 0 only (None on the others): what a checkpoint writes."""
+        if not group.sharded:
+            return buffer
+        return self.parallel.gather_to_first(buffer)
+
     def named_parameters(self):
+        """(name, fp32 master weight) of every parameter; under data parallel a collective: every rank must
+        iterate, each gets the whole weights (a group at a time)."""
         for group in self.all_groups():
+            master = self.whole(group, group.master)
             for piece in group.slices:
-                yield piece.name, group.view(group.master, piece)
+                yield piece.name, group.view(master, piece)
         yield from self.unused.items()
 
 
