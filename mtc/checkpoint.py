@@ -28,6 +28,7 @@ import dataclasses
 import errno
 import glob
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -75,17 +76,27 @@ def save(step, path, data_position: dict | None = None, progress: bool = True) -
     except TypeError as error:
         raise TypeError(f"data_position={data_position!r} is not JSON-serialisable ({error})") from None
     store = step._store
+    parallel = store.parallel
+    first = parallel is None or parallel.rank == 0  # under data parallel rank 0 writes what every rank sends it
     step.synchronize()
-    weights = dict(step.named_parameters())
-    state = {}
-    for group in store.all_groups():
-        for piece in group.slices:
-            state[f"exp_avg.{piece.name}"] = group.view(group.exp_avg, piece)
-            state[f"exp_avg_sq.{piece.name}"] = group.view(group.exp_avg_sq, piece)
-            state[f"step.{piece.name}"] = group.step
-    kinds = {"model": weights, "optimizer": state, "buffers": store.buffers}
-    total = sum(_nbytes(t) for tensors in kinds.values() for t in tensors.values())
+    shapes = {piece.name: list(piece.shape) for group in store.all_groups() for piece in group.slices}
+    shapes |= {name: list(value.shape) for name, value in store.unused.items()}
+    counts = {name: 4 * math.prod(shape) for name, shape in shapes.items()}
+    sizes = {"model": counts,
+             "optimizer": {f"{kind}.{name}": 4 if kind == "step" else counts[name]
+                           for group in store.all_groups() for piece in group.slices for name in [piece.name]
+                           for kind in ("exp_avg", "exp_avg_sq", "step")},
+             "buffers": {name: _nbytes(value) for name, value in store.buffers.items()}}
+    tensors = {"model": lambda: _model_tensors(store), "optimizer": lambda: _optimizer_tensors(store),
+               "buffers": lambda: iter(store.buffers.items())}
+    total = sum(sum(kind.values()) for kind in sizes.values())
     parent, base = os.path.split(path)
+    if not first:  # the others' shards, a group at a time, in the order rank 0 writes them
+        for kind, make in tensors.items():
+            for _ in make():
+                pass
+        parallel.barrier()  # returns once rank 0's checkpoint is in place
+        return path
     _remove_leftovers(parent, base)
     check_free_space(path, total + METADATA_BYTES)
     os.makedirs(parent, exist_ok=True)
@@ -93,9 +104,12 @@ def save(step, path, data_position: dict | None = None, progress: bool = True) -
     try:
         with tqdm(total=total, unit="B", unit_scale=True, desc=f"mtc: saving {base}", leave=False,
                   disable=not progress or None) as bar:
-            for kind, tensors in kinds.items():
-                if tensors:
-                    _write_sharded(staging, kind, tensors, save_file, bar.update)
+            for kind, make in tensors.items():
+                produced = make()
+                if sizes[kind]:
+                    _write_sharded(staging, kind, sizes[kind], produced, save_file, bar.update)
+                for name, _ in produced:  # nothing is left but the gathers the other ranks are in
+                    raise AssertionError(f"{kind}: {name!r} was not planned")
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             rng |= {f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
@@ -105,7 +119,7 @@ def save(step, path, data_position: dict | None = None, progress: bool = True) -
                 "optimizer": dataclasses.asdict(settings["optimizer"]), "clip_grad_norm": settings["clip_grad_norm"],
                 "skip_nonfinite": settings["skip_nonfinite"],
                 "compute_dtype": str(store.compute_dtype).removeprefix("torch."),
-                "parameters": {name: list(value.shape) for name, value in weights.items()},
+                "parameters": shapes, "ranks": parallel.ranks if parallel else 1,
                 "data_position": data_position, "plan": step.plan.to_json()}
         with open(os.path.join(staging, META), "w") as f:
             json.dump(meta, f, indent=1)
@@ -117,7 +131,31 @@ def save(step, path, data_position: dict | None = None, progress: bool = True) -
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    if parallel is not None:
+        parallel.barrier()
     return path
+
+
+def _model_tensors(store):
+    """(name, fp32 master weight) of every parameter, the groups' whole on rank 0 (gathered from every rank's
+    shard under data parallel; nothing on the others, which only send), then the untrained ones."""
+    first = store.parallel is None or store.parallel.rank == 0
+    for group in store.all_groups():
+        master = store.whole_on_first(group, group.master)
+        for piece in group.slices if first else ():
+            yield piece.name, group.view(master, piece)
+    yield from store.unused.items() if first else ()
+
+
+def _optimizer_tensors(store):
+    """(name, tensor) of every trained parameter's AdamW moments and step count, as _model_tensors."""
+    first = store.parallel is None or store.parallel.rank == 0
+    for group in store.all_groups():
+        exp_avg, exp_avg_sq = store.whole_on_first(group, group.exp_avg), store.whole_on_first(group, group.exp_avg_sq)
+        for piece in group.slices if first else ():
+            yield f"exp_avg.{piece.name}", group.view(exp_avg, piece)
+            yield f"exp_avg_sq.{piece.name}", group.view(exp_avg_sq, piece)
+            yield f"step.{piece.name}", group.step
 
 
 def checkpoint_bytes(model: torch.nn.Module) -> int:
@@ -184,12 +222,12 @@ def load(path, model: torch.nn.Module | None = None, gpu_mem="80GB", example=Non
     compile_options.setdefault("skip_nonfinite", meta.get("skip_nonfinite", True))  # older checkpoints: default
     step = compile(model, gpu_mem, example, optimizer=optimizer, clip_grad_norm=clip, **compile_options)
     store = step._store
-    for group in store.all_groups():
+    for group in store.all_groups():  # under data parallel each rank reads its shard of each tensor
         for piece in group.slices:
             if piece.name not in filled:
-                group.view(group.master, piece).copy_(weights[piece.name])
-            group.view(group.exp_avg, piece).copy_(state[f"exp_avg.{piece.name}"])
-            group.view(group.exp_avg_sq, piece).copy_(state[f"exp_avg_sq.{piece.name}"])
+                _into_shard(group, group.master, piece, weights[piece.name])
+            _into_shard(group, group.exp_avg, piece, state[f"exp_avg.{piece.name}"])
+            _into_shard(group, group.exp_avg_sq, piece, state[f"exp_avg_sq.{piece.name}"])
         counts = {state[f"step.{piece.name}"].item() for piece in group.slices}
         if len(counts) > 1:
             raise CheckpointError(f"{path}: the parameters of {group.name} have different step counts {sorted(counts)}")
@@ -208,6 +246,14 @@ def load(path, model: torch.nn.Module | None = None, gpu_mem="80GB", example=Non
     step.steps = meta["steps"]
     step.data_position = meta["data_position"]
     return step
+
+
+def _into_shard(group, buffer: torch.Tensor, piece, value: torch.Tensor) -> None:
+    """Copy what of the parameter `piece` lies in the group's shard (all of it, when the group is whole here)."""
+    start, end = group.shard
+    first, last = max(piece.offset, start), min(piece.offset + piece.numel, end)
+    if first < last:
+        buffer[first - start:last - start].copy_(value.reshape(-1)[first - piece.offset:last - piece.offset])
 
 
 def from_pretrained(path, gpu_mem="80GB", example=None, **compile_options):
@@ -311,30 +357,33 @@ def _nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
-def _write_sharded(directory: str, kind: str, tensors: dict[str, torch.Tensor], save_file, written=None) -> None:
-    """Hugging Face's layout: one file, or numbered shards of at most SHARD_BYTES and an index;
+def _write_sharded(directory: str, kind: str, sizes: dict[str, int], tensors, save_file, written=None) -> None:
+    """Hugging Face's layout: one file, or numbered shards of at most SHARD_BYTES and an index. sizes: each
+    tensor's bytes, in the order `tensors` (an iterator of (name, tensor)) gives them, one shard's at a time;
     written(bytes) after each shard."""
-    shards, current, size = [], {}, 0
-    for name, tensor in tensors.items():
-        nbytes = _nbytes(tensor)
+    shards, current, size = [], [], 0
+    for name, nbytes in sizes.items():
         if current and size + nbytes > SHARD_BYTES:
             shards.append(current)
-            current, size = {}, 0
-        current[name], size = tensor, size + nbytes
+            current, size = [], 0
+        current.append(name)
+        size += nbytes
     shards.append(current)
     files = [f"{kind}.safetensors"] if len(shards) == 1 else \
         [f"{kind}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    for file, shard in zip(files, shards):
-        # Copies: safetensors refuses views that share one buffer (the store keeps a stage's tensors in one).
-        save_file({name: t.detach().to("cpu", copy=True).contiguous() for name, t in shard.items()},
-                  os.path.join(directory, file), metadata={"format": "pt"})
+    for file, names in zip(files, shards):
+        shard = {}
+        for expected, (name, tensor) in zip(names, tensors):
+            assert name == expected, f"{kind}: {name!r} came where {expected!r} was planned"
+            # Copies: safetensors refuses views that share one buffer (the store keeps a stage's tensors in one).
+            shard[name] = tensor.detach().to("cpu", copy=True).contiguous()
+        save_file(shard, os.path.join(directory, file), metadata={"format": "pt"})
         if written:
-            written(sum(_nbytes(t) for t in shard.values()))
+            written(sum(sizes[name] for name in names))
     if len(shards) > 1:
-        total = sum(_nbytes(t) for t in tensors.values())
         with open(os.path.join(directory, f"{kind}.safetensors.index.json"), "w") as f:
-            json.dump({"metadata": {"total_size": total},
-                       "weight_map": {name: file for file, shard in zip(files, shards) for name in shard}}, f, indent=1)
+            json.dump({"metadata": {"total_size": sum(sizes.values())},
+                       "weight_map": {name: file for file, names in zip(files, shards) for name in names}}, f, indent=1)
 
 
 def _sync_directory(directory: str) -> None:
