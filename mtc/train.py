@@ -19,10 +19,17 @@ from mtc.examples import data, models
 
 
 def train(args) -> int:
-    """`mtc train` with the parsed arguments; the exit status."""
+    """`mtc train` with the parsed arguments; the exit status. Started by torchrun, every process trains one
+    model together with the others (data parallel): each takes its share of every batch's rows, and rank 0
+    reports and writes the checkpoints."""
     from tqdm import tqdm
 
     batch, seq = parse_batch(args.batch)
+    rank, ranks = _ranks(args.device)
+    if batch % ranks:
+        raise ValueError(f"--batch={args.batch} is not valid with {ranks} ranks: each rank takes an equal share of "
+                         f"the {batch} rows; give a number of rows divisible by {ranks}")
+    say = print if rank == 0 else _quiet
     if args.steps < 1:
         raise ValueError(f"--steps={args.steps} is not valid; expected an integer >= 1")
     if args.save_every < 0:
@@ -32,7 +39,7 @@ def train(args) -> int:
     checkpoint = args.checkpoint or os.path.join("runs", source.name)
     torch.manual_seed(args.seed)
     tokens, described = source.tokens(args.data)
-    stream = (source.call(pair) for pair in data.batches(tokens, batch, seq, seed=args.seed))
+    stream = _rows_of(source, data.batches(tokens, batch, seq, seed=args.seed), rank, ranks)
     # What fixes the order of the batches: a resumed run must read them as the saved one did.
     data_order = {"data": os.path.abspath(args.data) if args.data else None, "batch": f"{batch}x{seq}",
                   "seed": args.seed}
@@ -48,10 +55,10 @@ def train(args) -> int:
         if saved != data_order:
             raise ValueError(f"--resume: the checkpoint in {checkpoint} read its data as {saved}, not as "
                              f"{data_order}; resume with the same --data, --batch and --seed")
-        stream = (source.call(pair) for pair in data.batches(tokens, batch, seq, seed=args.seed))
+        stream = _rows_of(source, data.batches(tokens, batch, seq, seed=args.seed), rank, ranks)
         for _ in range(step.data_position["batches"]):
             next(stream)
-        print(f"resumed from {checkpoint} after {step.steps} steps")
+        say(f"resumed from {checkpoint} after {step.steps} steps")
     else:
         example = next(stream)
         stream = itertools.chain([example], stream)
@@ -59,11 +66,12 @@ def train(args) -> int:
                               tile_tokens=args.tile_tokens,
                               optimizer=mtc.AdamW(lr=args.lr, weight_decay=args.weight_decay),
                               clip_grad_norm=args.clip or None)
-    print(step.plan.summary())
-    params = sum(p.numel() for _, p in step.named_parameters())
-    print(f"compiled in {time.perf_counter() - started:.1f} s; training {params:,} parameters on {batch}x{seq} "
+    say(step.plan.summary())
+    schedule = step.plan.schedule
+    params = sum(s.params for s in schedule.stages) + (schedule.shared.params if schedule.shared else 0)
+    say(f"compiled in {time.perf_counter() - started:.1f} s; training {params:,} parameters on {batch}x{seq} "
           f"tokens of {described}")
-    if args.save_plan:
+    if args.save_plan and rank == 0:
         step.plan.save(args.save_plan)
 
     def save() -> None:  # the data position a resumed run skips to: one batch read per step
@@ -75,7 +83,7 @@ def train(args) -> int:
     with _StopSignals() as stop:
         try:
             with tqdm(range(done, args.steps), unit="step", dynamic_ncols=True, initial=done,
-                      total=args.steps) as bar:
+                      total=args.steps, disable=rank != 0 or None) as bar:
                 for _ in bar:
                     inputs = next(stream)
                     began = time.perf_counter()
@@ -84,9 +92,11 @@ def train(args) -> int:
                     except mtc.NonFiniteError as error:  # the state is the last good one: keep it
                         save()
                         raise mtc.NonFiniteError(f"{error}. That state is saved in {checkpoint}") from None
+                    if step.parallel is not None:  # the loss of all the ranks' rows
+                        last = step.parallel.mean(last)
                     training += time.perf_counter() - began
                     first = last if first is None else first
-                    seen += inputs["input_ids"].numel()
+                    seen += inputs["input_ids"].numel() * ranks
                     skipped = step.skipped_steps
                     bar.set_postfix(loss=f"{last:.3f}", tok_s=f"{seen / training:,.0f}",
                                     **({"skipped": len(skipped)} if skipped else {}))
@@ -96,15 +106,17 @@ def train(args) -> int:
                     if args.save_every and (step.steps % args.save_every == 0 or step.steps == args.steps):
                         save()
                         saved_at = step.steps
+                    if step.parallel is not None and step.parallel.largest(stop.received or 0):
+                        stop.received = stop.received or signal.SIGTERM  # every rank stops after the same step
                     if stop.received:
                         break
             if stop.received:
                 if saved_at != step.steps:
                     save()  # waits for the step's CPU optimizer update first
                     saved_at = step.steps
-                print(f"mtc train: stopped by {signal.Signals(stop.received).name} after step {step.steps} of "
-                      f"{args.steps}; the checkpoint in {checkpoint} holds it. Go on with:\n  "
-                      f"{_resume_command(args, checkpoint)}", file=sys.stderr)
+                say(f"mtc train: stopped by {signal.Signals(stop.received).name} after step {step.steps} of "
+                    f"{args.steps}; the checkpoint in {checkpoint} holds it. Go on with:\n  "
+                    f"{_resume_command(args, checkpoint, ranks)}", file=sys.stderr)
                 return 128 + stop.received
         except _Abandoned as abandoned:
             kept = f"the checkpoint of step {saved_at} in {checkpoint} stays" if saved_at is not None else \
@@ -119,14 +131,38 @@ def train(args) -> int:
     step.synchronize()  # the last step's optimizer update, which runs on after its loss is known
     training += time.perf_counter() - began
     if first is None:
-        print(f"the checkpoint is already at step {done}; nothing to do for --steps={args.steps}")
+        say(f"the checkpoint is already at step {done}; nothing to do for --steps={args.steps}")
         return 0
-    print(f"loss {first:.3f} -> {last:.6f} in steps {done + 1}-{args.steps}, {seen / training:,.0f} tokens/s"
+    say(f"loss {first:.3f} -> {last:.6f} in steps {done + 1}-{args.steps}, {seen / training:,.0f} tokens/s"
           + (f" (saves not counted); checkpoint in {checkpoint}" if args.save_every else ""))
     if step.skipped_steps:
-        print(f"{len(step.skipped_steps)} steps had a non-finite loss or gradient norm and updated nothing: "
+        say(f"{len(step.skipped_steps)} steps had a non-finite loss or gradient norm and updated nothing: "
               f"{', '.join(map(str, step.skipped_steps))}")
     return 0
+
+
+def _ranks(device: str | None) -> tuple[int, int]:
+    """(this rank, ranks): (0, 1) unless torchrun started this process among several."""
+    from mtc.runtime.distributed import launched, process_group
+
+    if not launched():
+        return 0, 1
+    import torch.distributed as dist
+
+    process_group("cuda" if (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+                  else "cpu")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _rows_of(source, batches, rank: int, ranks: int):
+    """This rank's share of each batch's rows, as the model is called."""
+    for input_ids, shifted in batches:
+        rows = input_ids.shape[0] // ranks
+        yield source.call((input_ids[rank * rows:(rank + 1) * rows], shifted[rank * rows:(rank + 1) * rows]))
+
+
+def _quiet(*args, **kwargs) -> None:
+    """print() for the ranks other than 0: the run reports once."""
 
 
 def _check_checkpoint_space(checkpoint: str, model: torch.nn.Module, required: bool) -> None:
@@ -181,7 +217,7 @@ class _StopSignals:
         self.received = signum  # no printing here: the handler may run inside tqdm's write to stderr
 
 
-def _resume_command(args, checkpoint: str) -> str:
+def _resume_command(args, checkpoint: str, ranks: int = 1) -> str:
     """The `mtc train` line that goes on from `checkpoint`: what fixes the model, its data order and the run's
     length and budget (the checkpoint keeps the hyperparameters)."""
     options = {"--model" if args.model else "--preset": args.model or args.preset, "--data": args.data,
@@ -192,7 +228,9 @@ def _resume_command(args, checkpoint: str) -> str:
                "--tile-tokens": None if args.tile_tokens == TILE_TOKENS else args.tile_tokens,
                "--checkpoint": checkpoint}
     # --flag=value: a value may begin with "-" (--kernels=-rope, a negative --seed)
-    return shlex.join(["mtc", "train"] + [f"{flag}={value}" for flag, value in options.items() if value is not None]
+    local = os.environ.get("LOCAL_WORLD_SIZE", ranks)
+    launcher = ["torchrun", f"--nproc_per_node={local}", "-m", "mtc"] if ranks > 1 else ["mtc"]
+    return shlex.join(launcher + ["train"] + [f"{flag}={value}" for flag, value in options.items() if value is not None]
                       + ["--resume"])
 
 
