@@ -62,7 +62,8 @@ def save(step, path, data_position: dict | None = None, progress: bool = True) -
     replaced whole); `data_position`: JSON-serialisable state of the caller's data (given back by load as
     step.data_position); progress: a bar over the bytes written (12 per parameter: master, two moments).
     Returns the path. A disk without room for the whole new checkpoint is refused (DiskSpaceError) before
-    anything is written."""
+    anything is written. Under data parallel every rank calls it: rank 0 writes every rank's shards, gathered
+    a group at a time, in the format one process writes, and the others return once it is in place."""
     from safetensors.torch import save_file
 
     import mtc
@@ -91,14 +92,23 @@ def save(step, path, data_position: dict | None = None, progress: bool = True) -
                "buffers": lambda: iter(store.buffers.items())}
     total = sum(sum(kind.values()) for kind in sizes.values())
     parent, base = os.path.split(path)
+    refused = None
+    if first:
+        _remove_leftovers(parent, base)
+        try:
+            check_free_space(path, total + METADATA_BYTES)
+        except DiskSpaceError as error:
+            refused = error
+    if parallel is not None and parallel.largest(refused is not None):  # every rank refuses, or none
+        raise refused or DiskSpaceError(errno.ENOSPC, f"rank 0 refused to save {path}: its disk has too little room")
+    if refused:
+        raise refused
     if not first:  # the others' shards, a group at a time, in the order rank 0 writes them
         for kind, make in tensors.items():
             for _ in make():
                 pass
         parallel.barrier()  # returns once rank 0's checkpoint is in place
         return path
-    _remove_leftovers(parent, base)
-    check_free_space(path, total + METADATA_BYTES)
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{base}.saving-{os.getpid()}-", dir=parent)
     try:

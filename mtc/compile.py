@@ -409,7 +409,8 @@ class Step:
 
     def named_parameters(self):
         """(name, fp32 master weight) for every parameter, under the model's own names, once every
-        update issued so far has landed."""
+        update issued so far has landed. Under data parallel every rank must iterate it (each gets the whole
+        weights, gathered a group at a time)."""
         self.synchronize()
         return self._store.named_parameters()
 

@@ -38,8 +38,8 @@ def _rows(batch, rank, ranks=2):
 
 
 def _compile(model, example, hp=HP, **options):
-    return mtc.compile(model, BUDGET, example, optimizer=hp, clip_grad_norm=1.0, device="cpu", progress=False,
-                       **options)
+    options = {"device": "cpu", **options}
+    return mtc.compile(model, BUDGET, example, optimizer=hp, clip_grad_norm=1.0, progress=False, **options)
 
 
 def _model(build):
@@ -255,3 +255,24 @@ def test_torchrun_trains_as_one_process_and_one_process_resumes_it(tmp_path):
     with pytest.raises(AssertionError, match="--batch=3x32 is not valid with 2 ranks"):
         _train_command(["train", "--preset", "tiny", "--batch", "3x32", "--device", "cpu", "--steps", "1"], tmp_path,
                        ranks=2)
+
+
+def _train_ranks_on_the_gpu(rank):
+    torch.cuda.set_device(0)
+    batches = [tuple(t.cuda() for t in _rows(b, rank)) for b in _batches()]
+    step = _compile(_model(llama), batches[0], device="cuda:0", compute_dtype=torch.float32, kernels="none")
+    losses = [step(*b).item() for b in batches]
+    return {"losses": losses, "parameters": {n: p.cpu() for n, p in step.named_parameters()},
+            "resident": step.plan.schedule.resident}
+
+
+@pytest.mark.gpu
+def test_two_ranks_on_one_gpu_train_as_one_process(tmp_path):
+    """The CUDA engine's collectives, on its streams: two gloo ranks share one GPU (NCCL refuses two ranks on one
+    device), in fp32, against one process on the combined batch."""
+    ranks = _spawn(tmp_path, _train_ranks_on_the_gpu)
+    single = _compile(_model(llama), _batches()[0], device="cuda", compute_dtype=torch.float32, kernels="none")
+    losses = [single(*b).item() for b in _batches()]
+    assert ranks[0]["resident"] and len(ranks[0]["resident"]) < 10
+    assert [sum(r["losses"][i] for r in ranks) / 2 for i in range(STEPS)] == pytest.approx(losses, rel=1e-5)
+    _assert_close(ranks[0]["parameters"], {n: p.cpu() for n, p in single.named_parameters()})
