@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -70,6 +71,9 @@ def main(argv=None) -> int:
 
     plan.add_argument("--host-mem", default=None, type=_checked("--host-mem", parse_bytes),
                       help="host RAM to plan for, e.g. 1.5TB (default: the profile's); refused if the state won't fit")
+    plan.add_argument("--ranks", type=_integer("--ranks", 1), default=1,
+                      help="data-parallel ranks (GPUs, as torchrun --nproc_per_node gives) to plan one of: --batch "
+                           "is the whole step's rows, split evenly; --host-mem is each rank's")
     plan.add_argument("--profile", default=None, type=_checked("--profile", lambda text, _: resolve_profile(text)),
                       help="hardware to plan for: h100, h200, a100, rtx4090, cpu or a saved profile's path "
                            "(default: what `mtc probe` saved for this machine's GPU, else h100)")
@@ -237,6 +241,10 @@ UPDATES_WAIT_FOR_THE_NORM = True
 
 def _plan(args) -> int:
     batch, seq = parse_batch(args.batch)
+    if batch % args.ranks:
+        raise ValueError(f"--batch={args.batch} is not valid with --ranks={args.ranks}: each rank takes an equal "
+                         f"share of the {batch} rows; give a number of rows divisible by {args.ranks}")
+    batch //= args.ranks
     device = args.device or "cuda"  # planning needs no GPU: plan for the one the user will train on
     started = time.perf_counter()
     model = TrainedModel(args.model or args.preset).meta_model()
@@ -246,7 +254,8 @@ def _plan(args) -> int:
     def plan_for(tokens: int):
         ids = torch.empty(batch, tokens, dtype=torch.long, device="meta")
         return mtc.plan(model, gpu_mem, {"input_ids": ids, "labels": ids}, clip=bool(args.clip), device=device,
-                        profile=args.profile, host_mem=host_mem, kernels=args.kernels, tile_tokens=args.tile_tokens)
+                        profile=args.profile, host_mem=host_mem, kernels=args.kernels, tile_tokens=args.tile_tokens,
+                        ranks=args.ranks)
 
     if args.max_seq:
         seq, base, why = _longest_sequence(plan_for, batch, gpu_mem, UPDATES_WAIT_FOR_THE_NORM, args.max_seq)
@@ -268,12 +277,14 @@ def _plan(args) -> int:
         print(f"wrote the predicted timeline to {args.trace} (chrome://tracing or ui.perfetto.dev)")
     print(planned.plan if args.instructions else planned.plan.summary())
     if args.batches:
-        print(_batch_table(planned, [parse_batch(b) for b in args.batches.split(",")], gpu_mem, UPDATES_WAIT_FOR_THE_NORM))
+        print(_batch_table(planned, [parse_batch(b) for b in args.batches.split(",")], gpu_mem, UPDATES_WAIT_FOR_THE_NORM,
+                           args.ranks))
     return 0
 
 
-def _batch_table(planned, batches: list[tuple[int, int]], gpu_mem: int, clip: bool) -> str:
-    """One line per batch shape: the solver's plan for it, on costs evaluated from the polynomials of b and s."""
+def _batch_table(planned, batches: list[tuple[int, int]], gpu_mem: int, clip: bool, ranks: int = 1) -> str:
+    """One line per batch shape (each rank's, of `ranks`): the solver's plan for it, on costs evaluated from the
+    polynomials of b and s."""
     from mtc.codegen.stream_plan import lower, predicted_step_seconds
     from mtc.passes.schedule import schedule_pass
 
@@ -283,7 +294,8 @@ def _batch_table(planned, batches: list[tuple[int, int]], gpu_mem: int, clip: bo
              f"{'batch':<12}{'slots/res/keep/offload':>30}{'peak':>12}{'step (s)':>10}{'tokens/s':>12}{'TFLOP/s (6PT)':>15}"]
     for sequences, seq in batches:
         try:
-            schedule = schedule_pass(symbolic.at(sequences, seq), gpu_mem, clip, profile=profile)
+            schedule = schedule_pass(dataclasses.replace(symbolic.at(sequences, seq), ranks=ranks), gpu_mem, clip,
+                                     profile=profile)
         except MemoryBudgetError as error:
             lines.append(f"{sequences}x{seq:<10}  does not fit: needs {format_bytes(error.schedule.peak_bytes)} at "
                          f"its smallest plan")

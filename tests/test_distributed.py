@@ -276,3 +276,13 @@ def test_two_ranks_on_one_gpu_train_as_one_process(tmp_path):
     assert ranks[0]["resident"] and len(ranks[0]["resident"]) < 10
     assert [sum(r["losses"][i] for r in ranks) / 2 for i in range(STEPS)] == pytest.approx(losses, rel=1e-5)
     _assert_close(ranks[0]["parameters"], {n: p.cpu() for n, p in single.named_parameters()})
+
+
+def test_mtc_plan_plans_one_of_several_ranks(capsys):
+    from mtc.cli import main
+
+    assert main(["plan", "--preset", "1b", "--batch", "4x2048", "--ranks", "2", "--batches", "2x2048"]) == 0
+    out = capsys.readouterr().out
+    assert "data parallel: 2 ranks" in out and "2x2048" in out
+    assert main(["plan", "--preset", "1b", "--batch", "3x2048", "--ranks", "2"]) == 2
+    assert "--batch=3x2048 is not valid with --ranks=2" in capsys.readouterr().err
