@@ -277,8 +277,13 @@ def _plan(args) -> int:
         print(f"wrote the predicted timeline to {args.trace} (chrome://tracing or ui.perfetto.dev)")
     print(planned.plan if args.instructions else planned.plan.summary())
     if args.batches:
-        print(_batch_table(planned, [parse_batch(b) for b in args.batches.split(",")], gpu_mem, UPDATES_WAIT_FOR_THE_NORM,
-                           args.ranks))
+        shapes = [parse_batch(b) for b in args.batches.split(",")]
+        for rows, tokens in shapes:
+            if rows % args.ranks:
+                raise ValueError(f"--batches: {rows}x{tokens} is not valid with --ranks={args.ranks}: each rank takes "
+                                 f"an equal share of the rows; give numbers of rows divisible by {args.ranks}")
+        print(_batch_table(planned, [(rows // args.ranks, tokens) for rows, tokens in shapes], gpu_mem,
+                           UPDATES_WAIT_FOR_THE_NORM, args.ranks))
     return 0
 
 

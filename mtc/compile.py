@@ -71,6 +71,8 @@ def compile(model: torch.nn.Module, gpu_mem="80GB", example=None, optimizer: Ada
     parallel = _data_parallel(distributed)
     device = _rank_device(device) if parallel else _device(device)
     parallel = DataParallel(device) if parallel else None
+    if parallel is not None and parallel.ranks == 1:  # one rank: nothing to share, the plain path
+        parallel = None
     optimizer = optimizer if optimizer is not None else AdamW()
     if not isinstance(optimizer, AdamW):
         raise TypeError(f"optimizer={optimizer!r} is not supported; pass mtc.AdamW(lr=..., ...)")
@@ -101,13 +103,26 @@ def compile(model: torch.nn.Module, gpu_mem="80GB", example=None, optimizer: Ada
         if device.type == "cpu":
             torch.set_num_threads(max(1, cores // parallel.local_ranks))
     # Preflight: nothing large is allocated before the device and the host are known to have room.
-    check_gpu_memory(parse_bytes(gpu_mem, "gpu_mem"), device)
+    _on_every_rank(parallel, check_gpu_memory, parse_bytes(gpu_mem, "gpu_mem"), device)
     planned = _plan_everywhere(settings, gpu_mem, schedule)
     store = StateStore([s.params for s in planned.partition.stages], planned.partition.shared_params,
                        planned.params, planned.buffers, planned.compute_dtype, device, model=model, init=init,
                        progress=progress and (parallel is None or parallel.rank == 0),
                        resident=planned.plan.schedule.resident, parallel=parallel)
     return Step(planned, store, _engine(planned, store, settings), settings)
+
+
+def _on_every_rank(parallel: DataParallel | None, check, *args) -> None:
+    """check(*args); under data parallel, if it raises on any rank it raises on every rank (the others would
+    otherwise wait in the next collective until the process group times out)."""
+    try:
+        check(*args)
+    except Exception:
+        if parallel is not None:
+            parallel.largest(1)
+        raise
+    if parallel is not None and parallel.largest(0):
+        raise RuntimeError(f"another rank failed {check.__name__}; its error says why")
 
 
 def _plan_everywhere(settings: dict, gpu_mem, schedule: str) -> "Planned":

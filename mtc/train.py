@@ -35,7 +35,7 @@ def train(args) -> int:
     if args.save_every < 0:
         raise ValueError(f"--save-every={args.save_every} is not valid; expected an integer >= 0 (0: never)")
     source = TrainedModel(args.model or args.preset)
-    writer = _tensorboard(args.log_dir) if args.log_dir else None
+    writer = _tensorboard(args.log_dir) if args.log_dir and rank == 0 else None
     checkpoint = args.checkpoint or os.path.join("runs", source.name)
     torch.manual_seed(args.seed)
     tokens, described = source.tokens(args.data)
@@ -77,7 +77,7 @@ def train(args) -> int:
     def save() -> None:  # the data position a resumed run skips to: one batch read per step
         mtc.save(step, checkpoint, data_position={"batches": step.steps, **data_order})
 
-    first = last = None
+    first = last = stopped = None
     seen, training, done = 0, 0.0, step.steps  # training: seconds in steps, checkpoint saves not counted
     saved_at = done if args.resume else None  # the step of the checkpoint in `checkpoint`, as far as this run knows
     with _StopSignals() as stop:
@@ -106,18 +106,20 @@ def train(args) -> int:
                     if args.save_every and (step.steps % args.save_every == 0 or step.steps == args.steps):
                         save()
                         saved_at = step.steps
-                    if step.parallel is not None and step.parallel.largest(stop.received or 0):
-                        stop.received = stop.received or signal.SIGTERM  # every rank stops after the same step
-                    if stop.received:
+                    received = stop.received  # a signal after this line waits for the next step's agreement
+                    if step.parallel is not None:  # every rank stops after the same step, or none does
+                        received = step.parallel.largest(received or 0) or None
+                    if received:
+                        stopped = received
                         break
-            if stop.received:
+            if stopped:
                 if saved_at != step.steps:
                     save()  # waits for the step's CPU optimizer update first
                     saved_at = step.steps
-                say(f"mtc train: stopped by {signal.Signals(stop.received).name} after step {step.steps} of "
+                say(f"mtc train: stopped by {signal.Signals(stopped).name} after step {step.steps} of "
                     f"{args.steps}; the checkpoint in {checkpoint} holds it. Go on with:\n  "
                     f"{_resume_command(args, checkpoint, ranks)}", file=sys.stderr)
-                return 128 + stop.received
+                return 128 + stopped
         except _Abandoned as abandoned:
             kept = f"the checkpoint of step {saved_at} in {checkpoint} stays" if saved_at is not None else \
                 f"{checkpoint} is as it was before this run"

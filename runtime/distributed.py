@@ -54,6 +54,11 @@ class DataParallel:
         backend = dist.get_backend()
         # Host collectives move fp32 state between the ranks' hosts: over gloo, never through the device.
         self.host_group = dist.new_group(backend="gloo") if backend != "gloo" else None
+        # The weights' all-gathers on a communicator (so, with NCCL, a stream) of their own: on the default one they
+        # would queue behind the gradients' reduce-scatters, which wait for the backward, and hold the prefetches.
+        self.gather_group = dist.new_group(backend=backend)
+        self.average = dist.ReduceOp.AVG if backend == "nccl" else None
+        """NCCL averages as it sums (no fp16 overflow of a sum whose mean fits); gloo sums, then we divide."""
         self.local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", self.ranks))
         """Ranks on this host: they share its cores and its RAM."""
 
@@ -72,18 +77,20 @@ class DataParallel:
     def gather(self, full: torch.Tensor) -> None:
         """`full` holds this rank's shard in place; fill in the others' (in place: NCCL's all-gather allows it)."""
         start, end = self.shard(full.numel())
-        self._wait(_all_gather(full, full[start:end], async_op=True))
+        self._wait(_all_gather(full, full[start:end], group=self.gather_group, async_op=True))
 
     def reduce_scatter(self, full: torch.Tensor) -> torch.Tensor:
         """Average `full` over the ranks into this rank's shard of it, which is returned (a view of `full`)."""
         start, end = self.shard(full.numel())
         shard = full[start:end]
-        self._wait(_reduce_scatter(shard, full, op=dist.ReduceOp.SUM, async_op=True))
-        return shard.div_(self.ranks)  # the mean of the ranks' gradients: the gradient of the combined batch
+        # The mean of the ranks' gradients: the gradient of the combined batch.
+        self._wait(_reduce_scatter(shard, full, op=self.average or dist.ReduceOp.SUM, async_op=True))
+        return shard if self.average else shard.div_(self.ranks)
 
     def all_reduce(self, tensor: torch.Tensor, average: bool = False) -> torch.Tensor:
-        self._wait(dist.all_reduce(tensor, op=dist.ReduceOp.SUM, async_op=True))
-        return tensor.div_(self.ranks) if average else tensor
+        op = self.average if average and self.average else dist.ReduceOp.SUM
+        self._wait(dist.all_reduce(tensor, op=op, async_op=True))
+        return tensor.div_(self.ranks) if average and not self.average else tensor
 
     @staticmethod
     def _wait(work) -> None:

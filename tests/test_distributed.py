@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -49,13 +50,14 @@ def _model(build):
 
 def _spawn(tmp_path, function, *args, ranks=2):
     """function(rank, *args) on `ranks` gloo processes; what each returns, by rank."""
-    mp.spawn(_run, args=(function, str(tmp_path), ranks, args), nprocs=ranks)
+    rendezvous = tempfile.mktemp(dir=tmp_path, prefix="rendezvous-")  # a file store is good for one group only
+    mp.spawn(_run, args=(function, str(tmp_path), rendezvous, ranks, args), nprocs=ranks)
     return [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(ranks)]
 
 
-def _run(rank, function, directory, ranks, args):
+def _run(rank, function, directory, rendezvous, ranks, args):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{directory}/rendezvous", rank=rank, world_size=ranks)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=ranks)
     try:
         result = function(rank, *args)
     finally:
@@ -281,8 +283,8 @@ def test_two_ranks_on_one_gpu_train_as_one_process(tmp_path):
 def test_mtc_plan_plans_one_of_several_ranks(capsys):
     from mtc.cli import main
 
-    assert main(["plan", "--preset", "1b", "--batch", "4x2048", "--ranks", "2", "--batches", "2x2048"]) == 0
+    assert main(["plan", "--preset", "1b", "--batch", "4x2048", "--ranks", "2", "--batches", "4x2048"]) == 0
     out = capsys.readouterr().out
-    assert "data parallel: 2 ranks" in out and "2x2048" in out
+    assert "data parallel: 2 ranks" in out and "2x2048" in out  # each rank's rows of 4x2048
     assert main(["plan", "--preset", "1b", "--batch", "3x2048", "--ranks", "2"]) == 2
     assert "--batch=3x2048 is not valid with --ranks=2" in capsys.readouterr().err
