@@ -225,8 +225,18 @@ def duration(plan: StreamPlan, instr: Instr, profile: HardwareProfile) -> float:
     if instr.op == "optimizer" and instr.stream == "compute":
         return plan.group(instr.stage).params / profile.gpu_optimizer_params_per_s
     if instr.op == "optimizer":  # each rank updates its shard, on its share of the host's cores
-        return plan.group(instr.stage).params / ranks / profile.optimizer_params_per_s
+        update = plan.group(instr.stage).params / ranks / profile.optimizer_params_per_s
+        if instr.stage in plan.schedule.disk:  # its state read in and written back, overlapped with the update
+            moved = disk_bytes_per_param(plan.stages[instr.stage]) * plan.stages[instr.stage].params / ranks
+            return max(update, moved / profile.disk_read_bytes_per_s + moved / profile.disk_write_bytes_per_s)
+        return update
     return 0.0  # clip: a norm of per-parameter norms on the device; free_grad: bookkeeping
+
+
+def disk_bytes_per_param(stage: StageCost) -> int:
+    """A disk stage's state bytes a parameter: two fp32 moments, and the fp32 master unless it is the stream copy
+    (fp32 compute; runtime/store.Group.on_disk)."""
+    return 8 if stage.weight_bytes >= 4 * stage.params else 12
 
 
 def simulate(plan: StreamPlan, profile: HardwareProfile, steps: int = 3) -> list[list[tuple[float, float]]]:

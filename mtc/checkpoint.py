@@ -151,9 +151,10 @@ def _model_tensors(store):
     shard under data parallel; nothing on the others, which only send), then the untrained ones."""
     first = store.parallel is None or store.parallel.rank == 0
     for group in store.all_groups():
-        master = store.whole_on_first(group, group.master)
-        for piece in group.slices if first else ():
-            yield piece.name, group.view(master, piece)
+        with store.state_of(group):  # a disk group's read from its file meanwhile
+            master = store.whole_on_first(group, group.master)
+            for piece in group.slices if first else ():
+                yield piece.name, group.view(master, piece)
     yield from store.unused.items() if first else ()
 
 
@@ -161,11 +162,13 @@ def _optimizer_tensors(store):
     """(name, tensor) of every trained parameter's AdamW moments and step count, as _model_tensors."""
     first = store.parallel is None or store.parallel.rank == 0
     for group in store.all_groups():
-        exp_avg, exp_avg_sq = store.whole_on_first(group, group.exp_avg), store.whole_on_first(group, group.exp_avg_sq)
-        for piece in group.slices if first else ():
-            yield f"exp_avg.{piece.name}", group.view(exp_avg, piece)
-            yield f"exp_avg_sq.{piece.name}", group.view(exp_avg_sq, piece)
-            yield f"step.{piece.name}", group.step
+        with store.state_of(group):
+            exp_avg = store.whole_on_first(group, group.exp_avg)
+            exp_avg_sq = store.whole_on_first(group, group.exp_avg_sq)
+            for piece in group.slices if first else ():
+                yield f"exp_avg.{piece.name}", group.view(exp_avg, piece)
+                yield f"exp_avg_sq.{piece.name}", group.view(exp_avg_sq, piece)
+                yield f"step.{piece.name}", group.step
 
 
 def checkpoint_bytes(model: torch.nn.Module) -> int:
@@ -233,17 +236,18 @@ def load(path, model: torch.nn.Module | None = None, gpu_mem="80GB", example=Non
     step = compile(model, gpu_mem, example, optimizer=optimizer, clip_grad_norm=clip, **compile_options)
     store = step._store
     for group in store.all_groups():  # under data parallel each rank reads its shard of each tensor
-        for piece in group.slices:
-            if piece.name not in filled:
-                _into_shard(group, group.master, piece, weights[piece.name])
-            _into_shard(group, group.exp_avg, piece, state[f"exp_avg.{piece.name}"])
-            _into_shard(group, group.exp_avg_sq, piece, state[f"exp_avg_sq.{piece.name}"])
+        with store.state_of(group, write=True):  # a disk group's state: read, filled, written back
+            for piece in group.slices:
+                if piece.name not in filled:
+                    _into_shard(group, group.master, piece, weights[piece.name])
+                _into_shard(group, group.exp_avg, piece, state[f"exp_avg.{piece.name}"])
+                _into_shard(group, group.exp_avg_sq, piece, state[f"exp_avg_sq.{piece.name}"])
+            if group.stream is not group.master:
+                group.stream.copy_(group.master)
         counts = {state[f"step.{piece.name}"].item() for piece in group.slices}
         if len(counts) > 1:
             raise CheckpointError(f"{path}: the parameters of {group.name} have different step counts {sorted(counts)}")
         group.step.fill_(counts.pop() if counts else 0)
-        if group.stream is not group.master:
-            group.stream.copy_(group.master)
     for name, value in store.unused.items():
         value.copy_(weights[name])
     for name, value in store.buffers.items():

@@ -40,6 +40,11 @@ def main(argv=None) -> int:
                             ".txt; through the model directory's tokenizer, else bytes) or a saved Hugging Face "
                             "dataset (input_ids or text) (default: the Python standard library's source)")
     train.add_argument("--log-dir", default=None, metavar="DIR", help="also log loss and tokens/s for TensorBoard")
+    train.add_argument("--host-mem", default=None, type=_checked("--host-mem", parse_bytes),
+                       help="host RAM mtc may plan for, the process included (default: what the host can give now)")
+    train.add_argument("--nvme", default=None, metavar="DIR", type=_nonempty("--nvme"),
+                       help="a directory on a fast disk where blocks may keep their optimizer state when host RAM "
+                            "cannot hold it all (the plan's disk: line says which and what it costs)")
     train.add_argument("--steps", type=int, default=150, help="optimizer steps (default 150)")
     train.add_argument("--lr", type=_number("--lr", "a finite number >= 0"), default=3e-3,
                        help="AdamW learning rate (default 3e-3)")
@@ -71,6 +76,9 @@ def main(argv=None) -> int:
 
     plan.add_argument("--host-mem", default=None, type=_checked("--host-mem", parse_bytes),
                       help="host RAM to plan for, e.g. 1.5TB (default: the profile's); refused if the state won't fit")
+    plan.add_argument("--nvme", action="store_true",
+                      help="plan as `mtc train --nvme DIR` would: blocks may keep their optimizer state on disk where "
+                           "--host-mem cannot hold it")
     plan.add_argument("--ranks", type=_integer("--ranks", 1), default=1,
                       help="data-parallel ranks (GPUs, as torchrun --nproc_per_node gives) to plan one of: --batch "
                            "is the whole step's rows, split evenly; --host-mem is each rank's")
@@ -85,6 +93,8 @@ def main(argv=None) -> int:
     probe.add_argument("--save", metavar="PATH", default=None,
                        help="where to write it (default: ~/.cache/mtc/profile-<device>.json, or $MTC_PROFILE)")
     probe.add_argument("--quick", action="store_true", help="small sizes: seconds instead of a minute, rougher")
+    probe.add_argument("--nvme", default=None, metavar="DIR", type=_nonempty("--nvme"),
+                       help="also measure the read and write rates of this directory's disk (for `--nvme DIR`)")
     probe.add_argument("--cpu-threads", type=_integer("--cpu-threads", 1, os.cpu_count() or 1), default=None,
                        help="threads for the CPU optimizer (default: all cores but four)")
     probe.add_argument("--calibrate", metavar="PRESET", default=None, type=_nonempty("--calibrate"),
@@ -255,7 +265,7 @@ def _plan(args) -> int:
         ids = torch.empty(batch, tokens, dtype=torch.long, device="meta")
         return mtc.plan(model, gpu_mem, {"input_ids": ids, "labels": ids}, clip=bool(args.clip), device=device,
                         profile=args.profile, host_mem=host_mem, kernels=args.kernels, tile_tokens=args.tile_tokens,
-                        ranks=args.ranks)
+                        ranks=args.ranks, nvme=args.nvme)
 
     if args.max_seq:
         seq, base, why = _longest_sequence(plan_for, batch, gpu_mem, UPDATES_WAIT_FOR_THE_NORM, args.max_seq)
@@ -470,6 +480,13 @@ def _probe(args) -> int:
         batch, gpu_mem = parse_batch(args.batch), parse_bytes(args.gpu_mem, "--gpu-mem")
     print(f"mtc probe: measuring {probe.device_name(device)}{' (quick)' if args.quick else ''}...", flush=True)
     profile = probe.probe(device, cpu_threads=args.cpu_threads, quick=args.quick)
+    if args.nvme:
+        from mtc.runtime.disk import disk_rates
+
+        read, write, direct = disk_rates(args.nvme, 1 << (26 if args.quick else 31))
+        profile = dataclasses.replace(profile, disk_read_bytes_per_s=read, disk_write_bytes_per_s=write,
+                                      source=f"{profile.source}; disk {args.nvme}: read {read / 1e9:.2f} GB/s, write "
+                                             f"{write / 1e9:.2f} GB/s{' (O_DIRECT)' if direct else ' (page cache)'}")
     if args.calibrate:
         print(f"mtc probe: calibrating on {args.calibrate} {args.batch}...", flush=True)
         profile, _ = probe.calibrated_on(args.calibrate, batch, gpu_mem, device, profile, args.cpu_threads)

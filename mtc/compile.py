@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import gc
 import hashlib
 import importlib
 import inspect
 import json
 import os
+import shutil
 import time
 
 import torch
@@ -26,7 +28,8 @@ from mtc.probe import profile_for, resolve_profile
 from mtc.runtime.distributed import DataParallel, launched, local_rank
 from mtc.runtime.engine import Engine, NonFiniteError, default_cpu_threads
 from mtc.runtime.preflight import available_host_bytes, check_gpu_memory, describe_host_memory, process_status_bytes
-from mtc.runtime.store import FIXED_HOST_BYTES, HostMemoryError, StateStore, planned_host_bytes
+from mtc.checkpoint import DiskSpaceError
+from mtc.runtime.store import DISK, FIXED_HOST_BYTES, Group, HostMemoryError, StateStore, planned_host_bytes
 from mtc.runtime.watchdog import Watchdog
 
 
@@ -39,7 +42,7 @@ def compile(model: torch.nn.Module, gpu_mem="80GB", example=None, optimizer: Ada
             init=None, cpu_threads: int | None = None, progress: bool = True, profile=None,
             schedule: str = "solve", kernels="auto", tile_tokens: int = TILE_TOKENS, skip_nonfinite: bool = True,
             max_consecutive_skips: int = MAX_CONSECUTIVE_SKIPS, watchdog: float | None = 10.0,
-            distributed: bool | None = None) -> "Step":
+            distributed: bool | None = None, nvme=None, host_mem=None) -> "Step":
     """Plan and build a streamed training step for `model`, called exactly as `example` calls it.
 
     A model built on the meta device is initialised block by block straight into the host store:
@@ -67,7 +70,14 @@ def compile(model: torch.nn.Module, gpu_mem="80GB", example=None, optimizer: Ada
     keeps only its rank's shard of the training state. None (the default): when torchrun (or another launcher)
     started several processes, or a process group of several ranks is initialised; the process group is made
     (NCCL on GPUs, gloo on CPUs) if it is not. On a GPU the device is then cuda:LOCAL_RANK unless given.
+    nvme: a directory (on a fast disk) where streamed stages may keep their fp32 optimizer state when the host's
+    RAM cannot hold it all (runtime/disk): the plan puts there the fewest stages that make the rest fit, and
+    times their updates with the profile's disk rates (`mtc probe --nvme DIR` measures them). None: RAM only.
+    host_mem: the host RAM mtc may plan for, the process included (default: what the host can give now).
     """
+    if nvme is not None and not (isinstance(nvme, (str, os.PathLike)) and os.fspath(nvme)):
+        raise TypeError(f"nvme={nvme!r} is not valid; expected None or a directory's path")
+    nvme = os.path.abspath(os.fspath(nvme)) if nvme is not None else None
     parallel = _data_parallel(distributed)
     device = _rank_device(device) if parallel else _device(device)
     parallel = DataParallel(device) if parallel else None
@@ -97,7 +107,8 @@ def compile(model: torch.nn.Module, gpu_mem="80GB", example=None, optimizer: Ada
     settings = dict(model=model, example=example, optimizer=optimizer, clip_grad_norm=clip_grad_norm, device=device,
                     compute_dtype=compute_dtype, cpu_threads=cpu_threads, profile=profile, kernels=kernels,
                     tile_tokens=tile_tokens, skip_nonfinite=skip_nonfinite, max_consecutive_skips=max_consecutive_skips,
-                    watchdog=watchdog, parallel=parallel)
+                    watchdog=watchdog, parallel=parallel, nvme=nvme,
+                    host_mem=parse_bytes(host_mem, "host_mem") if host_mem is not None else None)
     if parallel is not None and cpu_threads is None:  # the ranks on a host share its cores
         settings["cpu_threads"] = max(1, cores // parallel.local_ranks - (cores - default_cpu_threads()))
         if device.type == "cpu":
@@ -105,10 +116,12 @@ def compile(model: torch.nn.Module, gpu_mem="80GB", example=None, optimizer: Ada
     # Preflight: nothing large is allocated before the device and the host are known to have room.
     _on_every_rank(parallel, check_gpu_memory, parse_bytes(gpu_mem, "gpu_mem"), device)
     planned = _plan_everywhere(settings, gpu_mem, schedule)
+    check_disk_space(planned.plan.header["disk_bytes"], nvme)
     store = StateStore([s.params for s in planned.partition.stages], planned.partition.shared_params,
                        planned.params, planned.buffers, planned.compute_dtype, device, model=model, init=init,
                        progress=progress and (parallel is None or parallel.rank == 0),
-                       resident=planned.plan.schedule.resident, parallel=parallel)
+                       resident=planned.plan.schedule.resident, parallel=parallel, disk=planned.plan.schedule.disk,
+                       nvme=nvme)
     return Step(planned, store, _engine(planned, store, settings), settings)
 
 
@@ -129,13 +142,15 @@ def _plan_everywhere(settings: dict, gpu_mem, schedule: str) -> "Planned":
     """plan() with compile's settings; under data parallel every rank plans for the least host memory any rank
     has, and the plans are checked to be one and the same (the ranks pair their collectives by it)."""
     parallel = settings["parallel"]
-    budget = _host_budget(settings["device"], parallel)
+    budget = _host_budget(settings["device"], parallel, settings["nvme"] is not None) \
+        if settings["host_mem"] is None else {"host_mem": settings["host_mem"]}
     if parallel is not None and "host_mem" in budget:
         budget["host_mem"] = parallel.smallest(budget["host_mem"])
     planned = plan(settings["model"], gpu_mem, settings["example"], clip=settings["clip_grad_norm"] is not None,
                    device=settings["device"], compute_dtype=settings["compute_dtype"], profile=settings["profile"],
                    schedule=schedule, kernels=settings["kernels"], tile_tokens=settings["tile_tokens"],
-                   skip_nonfinite=settings["skip_nonfinite"], ranks=parallel.ranks if parallel else 1, **budget)
+                   skip_nonfinite=settings["skip_nonfinite"], ranks=parallel.ranks if parallel else 1,
+                   nvme=settings["nvme"] is not None, **budget)
     if parallel is not None:
         digest = hashlib.sha256(json.dumps(planned.plan.stream_plan.to_json(), sort_keys=True).encode()).hexdigest()
         parallel.same_everywhere(digest, "plan")
@@ -210,14 +225,15 @@ COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 def plan(model, gpu_mem="80GB", example=None, clip: bool = False, device=None, compute_dtype=None,
          profile=None, host_mem=None, schedule: str = "solve", kernels="auto",
          tile_tokens: int = TILE_TOKENS, skip_nonfinite: bool = True, host_mem_source: str | None = None,
-         ranks: int = 1) -> Planned:
+         ranks: int = 1, nvme: bool = False) -> Planned:
     """Run the planning passes only: nothing is allocated, so a meta-device model plans for free.
 
     host_mem: host RAM to plan for (default: the profile's); a plan whose store would not fit is refused, naming
     host_mem_source (where host_mem came from) if given.
     clip: the step clips by the global gradient norm. schedule, tile_tokens, skip_nonfinite: as in compile
     (with clip or skip_nonfinite, the updates wait for the global norm). ranks: data-parallel ranks, each
-    running the plan on the example's shapes (host_mem is then each rank's).
+    running the plan on the example's shapes (host_mem is then each rank's). nvme: streamed stages may keep their
+    optimizer state on disk where host_mem cannot hold it (compile's nvme).
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model={type(model).__name__} is not valid; expected a torch.nn.Module")
@@ -269,10 +285,11 @@ def plan(model, gpu_mem="80GB", example=None, clip: bool = False, device=None, c
     else:
         schedule = timed("schedule", schedule_pass, costs, gpu_mem, gated, None, None, profile,
                          host_mem - FIXED_HOST_BYTES if host_mem else None,
-                         lambda s: planned_host_bytes(s, compute_dtype, device))
+                         lambda s: planned_host_bytes(s, compute_dtype, device), nvme)
     stream_plan = timed("lower", lower, schedule)
     timed("validate", validate, stream_plan, profile)
     host_bytes = planned_host_bytes(schedule, compute_dtype, device)
+    disk_bytes = sum(Group.disk_bytes(schedule.stages[i].params, compute_dtype, DISK, ranks) for i in schedule.disk)
     if host_mem is not None and host_bytes + FIXED_HOST_BYTES > host_mem:
         offloaded = sum(schedule.stages[i].offload_bytes for i in schedule.offload)
         inputs = f"; {format_bytes(offloaded)} of it the offloaded block inputs" if offloaded else ""
@@ -281,13 +298,15 @@ def plan(model, gpu_mem="80GB", example=None, clip: bool = False, device=None, c
             f"training state needs {format_bytes(host_bytes)} "
             f"(fp32 master and two moments, plus the bf16 copy that streams, for every streamed parameter{inputs}) and "
             f"about {format_bytes(FIXED_HOST_BYTES)} more for the process; keep more stages on the GPU (a larger "
-            f"gpu_mem) or use a host with {format_bytes(host_bytes + FIXED_HOST_BYTES)}")
+            f"gpu_mem){'' if nvme else ', keep optimizer state on a fast disk (nvme=DIR)'} or use a host with "
+            f"{format_bytes(host_bytes + FIXED_HOST_BYTES)}")
     templates = {}
     for stage in partition.stages:
         templates.setdefault(stage.template.name, []).append(stage.name)
     header = {"model": type(model).__name__, "tracer": traced.tracer, "device": str(device),
               "compute_dtype": str(compute_dtype).replace("torch.", ""), "chain": partition.chain,
               "profile": profile.to_json(), "passes": timings, "host_bytes": host_bytes, "host_mem": host_mem,
+              "disk_bytes": disk_bytes,
               "not_chunkable": {s.name: r.why_not for s, r in zip(partition.stages, costs.row_axes) if r.why_not},
               "inputs": [_describe(v) for v in inputs], "kernels": kernels_used,
               "tails": {t.name: t.tail.describe() for t in partition.templates if not isinstance(t.tail, str)},
@@ -359,14 +378,15 @@ class Step:
         self._engine = None  # its device buffers go before the new plan's are made
         try:
             self._free_cache()
-            self._store.place(planned.plan.schedule.resident)
+            check_disk_space(planned.plan.header["disk_bytes"], settings["nvme"])
+            self._store.place(planned.plan.schedule.resident, planned.plan.schedule.disk, settings["nvme"])
             self._free_cache()
             replanned = Step(planned, self._store, _engine(planned, self._store, settings), settings)
             replanned.steps, replanned.data_position = self.steps, self.data_position  # the same run goes on
             return replanned
         except BaseException:
             self._free_cache()
-            self._store.place(self.plan.schedule.resident)
+            self._store.place(self.plan.schedule.resident, self.plan.schedule.disk, settings["nvme"])
             self._engine = _engine(self._planned, self._store, self._settings)
             raise
 
@@ -448,13 +468,27 @@ def _clip_norm(clip_grad_norm) -> float | None:
     return float(clip_grad_norm) if clip_grad_norm is not None else None
 
 
-def _host_budget(device: torch.device, parallel: DataParallel | None = None) -> dict:
+def check_disk_space(needed: int, nvme: str | None) -> None:
+    """Refuse a plan whose disk stages' state would not fit in the nvme directory's free space."""
+    if not needed:
+        return
+    directory = nvme
+    while not os.path.isdir(directory):  # the nearest parent that exists: the rest is made on its disk
+        directory = os.path.dirname(directory)
+    free = shutil.disk_usage(directory).free
+    if needed > free:
+        raise DiskSpaceError(errno.ENOSPC, f"nvme={nvme!r} has {format_bytes(free)} free but the plan keeps "
+                             f"{format_bytes(needed)} of optimizer state there; free {format_bytes(needed - free)}, "
+                             f"choose a directory on a larger disk, or give a larger gpu_mem (more stages on the GPU)")
+
+
+def _host_budget(device: torch.device, parallel: DataParallel | None = None, nvme: bool = False) -> dict:
     """plan()'s host_mem for compile on a GPU: what the host can give now and what this process already holds
     (the process's own share is part of FIXED_HOST_BYTES, which CUDA's libraries dominate); off Linux, the
     profile's. On the CPU the store's own check against what is available suffices. Under data parallel the
     ranks on a host share what it can give."""
     available, held = available_host_bytes(), process_status_bytes("VmRSS") or 0
-    if available is None or device.type != "cuda":
+    if available is None or (device.type != "cuda" and not nvme):  # with nvme, what spills to disk depends on it
         return {}
     share, ranks = (parallel.local_ranks, f", shared by its {parallel.local_ranks} ranks") if parallel else (1, "")
     return {"host_mem": available // share + held, "host_mem_source": f"what this host can give now "

@@ -111,6 +111,11 @@ class HardwareProfile:
     link_bytes_per_s: float = 0.0
     """Data parallel: the rate one GPU all-gathers or reduce-scatters at with the others of its host (bytes that
     cross to or from the others, a second). 0: unknown, taken as h2d_bytes_per_s (peers over PCIe)."""
+    disk_read_bytes_per_s: float = 2.0e9
+    """The nvme directory's read rate (optimizer state of disk stages). Default: a PCIe 4 NVMe drive's order of
+    magnitude, not measured; `mtc probe --nvme DIR` measures the directory."""
+    disk_write_bytes_per_s: float = 1.5e9
+    """Its write rate (as disk_read_bytes_per_s)."""
     source: str = ""
     """Where the numbers come from: a probe (machine, date) or the measurements and specs they rest on."""
 

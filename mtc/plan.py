@@ -96,6 +96,12 @@ class Plan:
             f"per step: {format_bytes(sum(i.bytes for i in self.stream_plan.on('h2d')))} in, "
             f"{format_bytes(sum(i.bytes for i in self.stream_plan.on('d2h')))} out; profile '{profile.name}' "
             f"({profile.source})" if profile.source else f"profile '{profile.name}'",
+            *([f"disk: {len(schedule.disk)} stages {_ranges(schedule.disk)} keep their optimizer state in files "
+               f"({format_bytes(h['disk_bytes'])}), read and written back around each host update: "
+               f"{format_bytes(h['disk_bytes'])} read and written a step, "
+               f"{h['disk_bytes'] * 86400 / self.predicted_step_seconds() / 1e12:.1f} TB written a day at the "
+               f"predicted step (the drive's wear); disk at {profile.disk_read_bytes_per_s / 1e9:g} GB/s read, "
+               f"{profile.disk_write_bytes_per_s / 1e9:g} GB/s write"] if schedule.disk else []),
             f"host: {format_bytes(h['host_bytes'])} for the training state"
             + (f" on each of the {schedule.ranks} ranks" if schedule.ranks > 1 else "")
             + (f" of {format_bytes(h['host_mem'])} host RAM" if h.get("host_mem") else "")

@@ -50,7 +50,8 @@ def train(args) -> int:
     if args.resume:
         # The first batch only shows the shapes; the checkpoint says how many the run had read.
         step = mtc.load(checkpoint, model, gpu_mem=args.gpu_mem, example=next(stream),
-                        device=args.device, kernels=args.kernels, tile_tokens=args.tile_tokens)
+                        device=args.device, kernels=args.kernels, tile_tokens=args.tile_tokens, nvme=args.nvme,
+                        host_mem=args.host_mem)
         saved = {k: v for k, v in step.data_position.items() if k != "batches"}
         if saved != data_order:
             raise ValueError(f"--resume: the checkpoint in {checkpoint} read its data as {saved}, not as "
@@ -63,7 +64,7 @@ def train(args) -> int:
         example = next(stream)
         stream = itertools.chain([example], stream)
         step = source.compile(gpu_mem=args.gpu_mem, example=example, device=args.device, kernels=args.kernels,
-                              tile_tokens=args.tile_tokens,
+                              tile_tokens=args.tile_tokens, nvme=args.nvme, host_mem=args.host_mem,
                               optimizer=mtc.AdamW(lr=args.lr, weight_decay=args.weight_decay),
                               clip_grad_norm=args.clip or None)
     say(step.plan.summary())
@@ -225,7 +226,7 @@ def _resume_command(args, checkpoint: str, ranks: int = 1) -> str:
     options = {"--model" if args.model else "--preset": args.model or args.preset, "--data": args.data,
                "--batch": args.batch, "--seed": args.seed, "--steps": args.steps,
                "--save-every": args.save_every or None, "--gpu-mem": args.gpu_mem, "--device": args.device,
-               "--log-dir": args.log_dir,
+               "--log-dir": args.log_dir, "--nvme": args.nvme, "--host-mem": args.host_mem,
                "--kernels": None if args.kernels == "auto" else args.kernels,
                "--tile-tokens": None if args.tile_tokens == TILE_TOKENS else args.tile_tokens,
                "--checkpoint": checkpoint}

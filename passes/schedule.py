@@ -85,6 +85,9 @@ class Schedule:
     ranks: int = 1
     """Data-parallel ranks running this plan (runtime/distributed): a streamed stage's copies move 1/ranks of
     its bytes over PCIe and the rest between the GPUs, and each host updates 1/ranks of the state."""
+    disk: list[int] = field(default_factory=list)
+    """Streamed stages whose fp32 optimizer state is in a file (runtime/disk): read, updated and written back
+    around each host update."""
 
     def policy(self, stage: int) -> str:
         """'keep', 'recompute' or 'offload': what the stage's backward starts from, and where it waits."""
@@ -139,7 +142,7 @@ it had allocated in the H100 runs of BENCHMARKS.md (3B and 8B Llama shapes)."""
 
 def schedule_pass(costs: Costs, gpu_mem: int, clip: bool, slots: int | None = None,
                   resident: int | None = None, profile=None, host_budget: int | None = None,
-                  host_bytes=None) -> Schedule:
+                  host_bytes=None, spill: bool = False) -> Schedule:
     """Search the weight slots (1 to MAX_SLOTS, or exactly `slots`), the resident stages and the stages'
     activation policies and the token chunks (chunk_counts); keep the plan that fits and is predicted
     fastest on `profile`.
@@ -153,7 +156,8 @@ def schedule_pass(costs: Costs, gpu_mem: int, clip: bool, slots: int | None = No
     slots. `resident=r` asks for exactly stages [0, r).
     host_budget: host bytes the plan may use, host_bytes(schedule) what one uses: only plans within it count
     (more resident stages, fewer offloaded inputs use less); if none is, the one using least is returned,
-    for the caller to refuse with its numbers.
+    for the caller to refuse with its numbers. spill: a plan over host_budget may keep streamed stages' optimizer
+    state on disk (spilled), and is then timed with the disk's reads and writes.
     """
     from mtc.codegen.stream_plan import lower, lower_bound_seconds, predicted_step_seconds
     from mtc.config import H100
@@ -184,11 +188,14 @@ def schedule_pass(costs: Costs, gpu_mem: int, clip: bool, slots: int | None = No
         for keep, offload in _policies(costs, gpu_mem, clip, k, kept, budget, chunks):
             plan = fixed_plan(costs, gpu_mem, clip, k, kept, keep, offload, chunks=chunks)
             if host_budget is not None:
+                if spill and host_bytes(plan) > host_budget:
+                    plan = spilled(plan, host_budget, host_bytes)
                 needs = host_bytes(plan)
                 if needs > host_budget:
                     least_host = min(least_host, (needs, plan), key=lambda pair: pair[0])
                     continue
-            twin = (plan.slots, tuple(kept), tuple(plan.keep), tuple(plan.offload))  # chunked or not: same time
+            # chunked or not: the same time
+            twin = (plan.slots, tuple(kept), tuple(plan.keep), tuple(plan.offload), tuple(plan.disk))
             if twin not in predicted:
                 predicted[twin] = predicted_step_seconds(lower(plan), profile)
             fastest = min(fastest, predicted[twin])
@@ -197,6 +204,19 @@ def schedule_pass(costs: Costs, gpu_mem: int, clip: bool, slots: int | None = No
     if not options:
         return least_host[1] or smallest_plan(costs, gpu_mem, clip, check=True)  # the latter raises, naming its need
     return min((o for o in options if o[0] <= fastest * (1 + TIE)), key=lambda o: o[1:7])[7]
+
+
+def spilled(plan: Schedule, host_budget: int, host_bytes) -> Schedule:
+    """The plan with the fewest streamed stages' optimizer state on disk that brings its host bytes within
+    host_budget, taken from the last stage back: the host updates run in the order the next forward reads the
+    weights, so the last stages' slower, disk-bound updates have the most time before they are needed. If even
+    every streamed stage on disk is over the budget, that plan (for the caller to refuse)."""
+    streamed = [i for i in reversed(range(len(plan.stages))) if i not in plan.resident]
+    for count in range(1, len(streamed) + 1):
+        candidate = dataclasses.replace(plan, disk=sorted(streamed[:count]))
+        if host_bytes(candidate) <= host_budget or count == len(streamed):
+            return candidate
+    return plan
 
 
 POLICY_SUBSET_STAGES = 4

@@ -41,7 +41,7 @@ from mtc.passes.partition import Partition, resolve_output
 from . import templates
 from .optimizer import adamw_step, clip_coefficient, global_norm, parameter_norms, scratch_for
 from .preflight import pin_in_place
-from .store import Group, StateStore
+from .store import DISK, Group, StateStore
 from .watchdog import Watchdog
 
 
@@ -155,6 +155,9 @@ class Engine:
         if watchdog is not None:
             weakref.finalize(self, watchdog.close)
         host_groups = [g for i, g in enumerate(store.all_groups()) if i not in self.resident]
+        if store.disk is not None:  # the reads ahead follow the order of the plan's host updates
+            updates = [i.stage for i in plan.instrs if i.op == "optimizer" and i.stream == "cpu"]
+            store.disk.set_order([store.groups[s] for s in updates if s != SHARED and store.groups[s].kind == DISK])
         self.scratch = scratch_for(host_groups)
         self.device_scratch = scratch_for([store.groups[i] for i in self.resident], device)
         self.gated = plan.schedule.clip
@@ -226,6 +229,8 @@ class Engine:
         if self.cuda:
             torch.cuda.synchronize(self.device)
         self.worker.drain()
+        if self.store.disk is not None:
+            self.store.disk.flush()
 
     def _stream(self, name: str):
         return self.compute if name == "compute" else self.side_streams[name]
@@ -505,7 +510,12 @@ class Engine:
             return None
         group = self.store.shared if instr.stage == SHARED else self.store.groups[instr.stage]
         skip = self.clip_host[2] if self.skip_nonfinite else None
-        return lambda: adamw_step(group, self.optimizer, self.scratch, self.clip_host[1] if clip else None, skip)
+
+        def update():
+            adamw_step(group, self.optimizer, self.scratch, self.clip_host[1] if clip else None, skip)
+        if group.kind == DISK:  # its state read ahead into a slab, updated there, written back behind
+            return lambda: self.store.disk.update(group, update)
+        return update
 
     # -- measurement --------------------------------------------------------------------------------
     def start_trace(self) -> None:

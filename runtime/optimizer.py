@@ -17,7 +17,7 @@ from .store import Group
 
 def scratch_for(groups: list[Group], device="cpu") -> torch.Tensor:
     """The fp32 scratch one optimizer lane needs: a chunk of the largest group."""
-    largest = max((g.master.numel() for g in groups), default=0)  # this rank's shards under data parallel
+    largest = max((g.length for g in groups), default=0)  # this rank's shards under data parallel
     return torch.empty(min(CHUNK, largest), dtype=torch.float32, device=device)
 
 
@@ -28,7 +28,7 @@ def adamw_step(group: Group, hp: AdamW, scratch: torch.Tensor, clip_coef: torch.
     the fused kernel then leaves weights, moments and step count as they were (torch's GradScaler path),
     and the stream copy, which a bf16 gradient borrowed, is rewritten from the unchanged master."""
     group.step += 1 if skip is None else 1 - skip
-    numel = group.master.numel()  # this rank's shard under data parallel
+    numel = group.length  # this rank's shard under data parallel
     for start in range(0, numel, CHUNK):
         end = min(start + CHUNK, numel)
         grad = group.grad[start:end]

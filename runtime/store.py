@@ -20,6 +20,7 @@ import torch
 
 from mtc.config import format_bytes
 
+from .disk import SLABS, DiskTier
 from .preflight import available_host_bytes, check_locked_memory, describe_host_memory, pin_in_place
 
 ALIGN = 16
@@ -49,9 +50,10 @@ def layout(params: list[tuple[str, torch.Size]]) -> tuple[list[Slice], int]:
     return slices, offset
 
 
-STREAMED, SHARED, RESIDENT = "streamed", "shared", "resident"
+STREAMED, SHARED, RESIDENT, DISK = "streamed", "shared", "resident", "disk"
 """Kinds of group: a stage whose weights stream; the tied weights (on the device all step, updated on the
-host); a stage kept whole on the device (weights, gradient, master and moments; updated there)."""
+host); a stage kept whole on the device (weights, gradient, master and moments; updated there); a stage whose
+weights stream and whose fp32 optimizer state is in a file (runtime/disk), the stream copy in RAM."""
 
 
 class Group:
@@ -64,18 +66,36 @@ class Group:
             self.numel = parallel.padded(self.numel)
             self.shard = parallel.shard(self.numel) if kind != RESIDENT else (0, self.numel)
         on = device if kind == RESIDENT else torch.device("cpu")
-        self.master = torch.zeros(self.shard[1] - self.shard[0], dtype=torch.float32, device=on)
-        self.exp_avg = torch.zeros_like(self.master)
-        self.exp_avg_sq = torch.zeros_like(self.master)
+        self.disk_names = Group.on_disk(compute_dtype) if kind == DISK else ()
+        """The state buffers kept in a file (None here but while DiskTier binds them)."""
+        zeros = lambda dtype=torch.float32: torch.zeros(self.length, dtype=dtype, device=on)  # noqa: E731
+        self.master = zeros() if "master" not in self.disk_names else None
+        self.exp_avg = self.exp_avg_sq = None
+        if not self.disk_names:
+            self.exp_avg, self.exp_avg_sq = zeros(), zeros()
         self.step = torch.zeros((), dtype=torch.float32, device=on)
-        self.stream = self.master if compute_dtype == torch.float32 else torch.zeros_like(self.master,
-                                                                                        dtype=compute_dtype)
-        grad_in_stream = kind == STREAMED and compute_dtype != torch.float32
-        self.grad = self.stream if grad_in_stream else torch.zeros_like(
-            self.master, dtype=compute_dtype if kind == RESIDENT else torch.float32)
+        self.stream = self.master if compute_dtype == torch.float32 else zeros(compute_dtype)
+        grad_in_stream = kind in (STREAMED, DISK) and compute_dtype != torch.float32
+        self.grad = self.stream if grad_in_stream else zeros(compute_dtype if kind == RESIDENT else torch.float32)
         if device.type == "cuda" and kind != RESIDENT:
             for buffer in {id(b): b for b in (self.stream, self.grad) if b is not self.master}.values():
                 pin_in_place(buffer)
+
+    @staticmethod
+    def on_disk(compute_dtype: torch.dtype) -> tuple[str, ...]:
+        """What a disk group keeps in its file: the moments, and the master weights unless they are the stream copy
+        (fp32 compute), which the copy-ins read from RAM."""
+        return ("exp_avg", "exp_avg_sq") if compute_dtype == torch.float32 else ("master", "exp_avg", "exp_avg_sq")
+
+    @property
+    def length(self) -> int:
+        """Elements of each state buffer here: this rank's shard under data parallel, else the whole group."""
+        return self.shard[1] - self.shard[0]
+
+    def bind(self, state: dict[str, torch.Tensor] | None) -> None:
+        """A disk group's state buffers, read into RAM by DiskTier (None: released again)."""
+        for name in self.disk_names:
+            setattr(self, name, state[name] if state is not None else None)
 
     @property
     def sharded(self) -> bool:
@@ -90,14 +110,19 @@ class Group:
     @staticmethod
     def host_bytes(numel: int, compute_dtype: torch.dtype, kind: str, device: torch.device, ranks: int = 1) -> int:
         """Host bytes a group of `numel` elements allocates on each of `ranks` data-parallel ranks (a shard each,
-        but a resident group whole): what the preflight check adds up."""
+        but a resident group whole), a disk group's staging aside: what the preflight check adds up."""
         if kind == RESIDENT and device.type != "cpu":
             return 0
         numel = -(-numel // ranks) if kind != RESIDENT else numel
         low = compute_dtype != torch.float32
         stream = numel * compute_dtype.itemsize if low else 0
-        grad = 0 if kind == STREAMED and low else numel * (compute_dtype.itemsize if kind == RESIDENT else 4)
-        return numel * 12 + stream + grad
+        grad = 0 if kind in (STREAMED, DISK) and low else numel * (compute_dtype.itemsize if kind == RESIDENT else 4)
+        return numel * 12 + stream + grad - Group.disk_bytes(numel, compute_dtype, kind)
+
+    @staticmethod
+    def disk_bytes(numel: int, compute_dtype: torch.dtype, kind: str, ranks: int = 1) -> int:
+        """Bytes of a group's state in its file (0 unless a disk group)."""
+        return 4 * -(-numel // ranks) * len(Group.on_disk(compute_dtype)) if kind == DISK else 0
 
     def load(self, values: dict[str, torch.Tensor] | None, parallel=None) -> None:
         """The master weights (and the stream copy) from `values`, by parameter name. Under data parallel only rank
@@ -180,12 +205,19 @@ FIXED_HOST_BYTES = 5 << 30
 4.6 GiB on the H100 box for an 8B run (BENCHMARKS.md, issue 3, including 1 GiB of benchmark buffers)."""
 
 
+def stage_kind(index: int, schedule) -> str:
+    """The kind of group the schedule makes of stage `index`."""
+    return RESIDENT if index in schedule.resident else DISK if index in schedule.disk else STREAMED
+
+
 def planned_host_bytes(schedule, compute_dtype: torch.dtype, device: torch.device) -> int:
     """The store's host bytes for a schedule on each of its data-parallel ranks, before anything is allocated
-    (alignment padding aside)."""
-    resident, ranks = set(schedule.resident), schedule.ranks
-    total = sum(Group.host_bytes(stage.params, compute_dtype, RESIDENT if index in resident else STREAMED, device,
-                                 ranks) for index, stage in enumerate(schedule.stages))
+    (alignment padding aside): disk groups' staging slabs included."""
+    ranks = schedule.ranks
+    total = sum(Group.host_bytes(stage.params, compute_dtype, stage_kind(index, schedule), device, ranks)
+                for index, stage in enumerate(schedule.stages))
+    total += SLABS * max((Group.disk_bytes(schedule.stages[i].params, compute_dtype, DISK, ranks) for i in schedule.disk),
+                         default=0)
     if schedule.shared:
         total += Group.host_bytes(schedule.shared.params, compute_dtype, SHARED, device, ranks)
     return total + sum(schedule.stages[i].offload_bytes for i in schedule.offload)  # offloaded inputs
@@ -197,21 +229,24 @@ class StateStore:
     def __init__(self, stage_params: list[list[str]], shared: list[str], params: dict[str, torch.Tensor],
                  buffers: dict[str, torch.Tensor], compute_dtype: torch.dtype, device: torch.device,
                  model: torch.nn.Module | None = None, init=None, progress: bool = True,
-                 resident: list[int] = (), parallel=None):
+                 resident: list[int] = (), parallel=None, disk: list[int] = (), nvme: str | None = None):
         """parallel: the data-parallel ranks (runtime/distributed.DataParallel), or None. Then this rank keeps its
-        shard of each streamed and the shared group, and rank 0 initialises the weights and sends them out."""
+        shard of each streamed and the shared group, and rank 0 initialises the weights and sends them out.
+        disk: stages whose optimizer state is kept in files under the directory `nvme` (runtime/disk)."""
         init = init or reset_parameters
         self.compute_dtype, self.device, self.parallel = compute_dtype, device, parallel
         ranks = parallel.ranks if parallel else 1
         first = parallel is None or parallel.rank == 0
         shared_set = set(shared)
-        specs = [(f"stage{i}", [n for n in names if n not in shared_set], RESIDENT if i in resident else STREAMED)
-                 for i, names in enumerate(stage_params)]
+        specs = [(f"stage{i}", [n for n in names if n not in shared_set],
+                  RESIDENT if i in resident else DISK if i in disk else STREAMED) for i, names in enumerate(stage_params)]
         if shared:
             specs.append(("shared", list(shared), SHARED))
         sizes = [layout([(n, params[n].shape) for n in names])[1] for _, names, _ in specs]
         needed = sum(Group.host_bytes(numel, compute_dtype, kind, device, ranks)
                      for numel, (_, _, kind) in zip(sizes, specs))
+        needed += SLABS * max((Group.disk_bytes(numel, compute_dtype, kind, ranks)
+                               for numel, (_, _, kind) in zip(sizes, specs)), default=0)
         self.host_bytes = needed
         self.host_params = sum(-(-numel // ranks) for numel, (_, _, kind) in zip(sizes, specs)
                                if Group.host_bytes(numel, compute_dtype, kind, device))
@@ -230,9 +265,14 @@ class StateStore:
                     f"; the model's own materialised parameters hold {format_bytes(already)}: build it on the "
                     f"meta device (with torch.device('meta')) and mtc initialises it block by block" if already else ""))
         if device.type == "cuda":  # the copies' buffers (stream copies, gradient slabs), not the fp32 state
-            check_locked_memory(sum(Group.host_bytes(numel, compute_dtype, kind, device, ranks)
-                                    - 12 * -(-numel // ranks) for numel, (_, _, kind) in zip(sizes, specs)
-                                    if kind != RESIDENT))
+            check_locked_memory(sum(Group.host_bytes(numel, compute_dtype, kind, device, ranks) - 12 * -(-numel // ranks)
+                                    + Group.disk_bytes(numel, compute_dtype, kind, ranks)
+                                    for numel, (_, _, kind) in zip(sizes, specs) if kind != RESIDENT))
+        self.disk = None
+        if disk:
+            if nvme is None:
+                raise ValueError(f"stages {list(disk)} are to keep their state on disk but no nvme directory was given")
+            self.disk = DiskTier(nvme, self.compute_dtype)
 
         start = time.perf_counter()
         groups = []
@@ -240,13 +280,16 @@ class StateStore:
         with _progress(total, progress and first, "mtc: building the state store") as bar:
             for (name, names, kind), numel in zip(specs, sizes):
                 group = Group(name, [(n, params[n].shape) for n in names], compute_dtype, kind, device, parallel)
-                # Initialised straight into the host's master weights where they are whole there.
-                into = group.views(group.master) if group.master.device.type == "cpu" and not group.sharded else None
-                if first:
-                    with _values(model, params, names, init, into) as values:
-                        group.load(values, parallel)
-                else:
-                    group.load(None, parallel)
+                if self.disk is not None and kind == DISK:
+                    self.disk.add(group)
+                with self.state_of(group, write=True):
+                    # Initialised straight into the host's master weights where they are whole there.
+                    whole = group.master.device.type == "cpu" and not group.sharded
+                    if first:
+                        with _values(model, params, names, init, group.views(group.master) if whole else None) as values:
+                            group.load(values, parallel)
+                    else:
+                        group.load(None, parallel)
                 groups.append(group)
                 bar.update(numel)
         self.build_seconds = time.perf_counter() - start
@@ -263,23 +306,45 @@ class StateStore:
         self.order = [name for name in params if name in used]
         """Trained parameters in the model's own order (clipping sums their norms in this order)."""
 
-    def place(self, resident: list[int]) -> None:
-        """Move stage groups between host and device so that exactly `resident` are on the device; the
-        state (master, moments, step count, weights) goes with them. Under data parallel every rank calls it:
-        a group leaving the device keeps this rank's shard, one coming to it gathers every rank's."""
+    def place(self, resident: list[int], disk: list[int] = (), nvme: str | None = None) -> None:
+        """Move stage groups between device, host and disk so that exactly `resident` are on the device and
+        `disk` keep their state in files under `nvme`; the state (master, moments, step count, weights) goes with
+        them. Under data parallel every rank calls it: a group leaving the device keeps this rank's shard, one
+        coming to it gathers every rank's."""
+        if disk and self.disk is None:
+            self.disk = DiskTier(nvme, self.compute_dtype)
         for index, group in enumerate(self.groups):
-            kind = RESIDENT if index in resident else STREAMED
+            kind = RESIDENT if index in resident else DISK if index in disk else STREAMED
             if group.kind != kind:
                 moved = Group(group.name, [(s.name, s.shape) for s in group.slices], self.compute_dtype, kind,
                               self.device, self.parallel)
-                for name in ("master", "exp_avg", "exp_avg_sq", "step", "stream"):
-                    source, target = getattr(group, name), getattr(moved, name)
-                    if source.numel() > target.numel():  # whole -> this rank's shard
-                        source = source[slice(*moved.shard)]
-                    elif source.numel() < target.numel():  # a shard -> whole
-                        source = self.parallel.host_all_gather(source.cpu())
-                    target.copy_(source)
+                if kind == DISK:
+                    self.disk.add(moved)
+                with self.state_of(group), self.state_of(moved, write=True):
+                    for name in ("master", "exp_avg", "exp_avg_sq", "step", "stream"):
+                        source, target = getattr(group, name), getattr(moved, name)
+                        if source.numel() > target.numel():  # whole -> this rank's shard
+                            source = source[slice(*moved.shard)]
+                        elif source.numel() < target.numel():  # a shard -> whole
+                            source = self.parallel.host_all_gather(source.cpu())
+                        target.copy_(source)
+                if group.kind == DISK:
+                    self.disk.remove(group)
                 self.groups[index] = moved
+
+    @contextlib.contextmanager
+    def state_of(self, group: Group, write: bool = False):
+        """The group with all its state in RAM meanwhile: a disk group's read from its file (and written back on
+        exit if `write`); any other as it is. The optimizer thread must be idle."""
+        if group.kind != DISK:
+            yield group
+            return
+        with self.disk.state(group, write) as state:
+            group.bind(state)
+            try:
+                yield group
+            finally:
+                group.bind(None)
 
     def all_groups(self) -> list[Group]:
         return self.groups + ([self.shared] if self.shared else [])
@@ -299,7 +364,9 @@ class StateStore:
         """(name, fp32 master weight) of every parameter; under data parallel a collective: every rank must
         iterate, each gets the whole weights (a group at a time)."""
         for group in self.all_groups():
-            master = self.whole(group, group.master)
+            with self.state_of(group):
+                master = self.whole(group, group.master)
+                master = master.clone() if group.kind == DISK and master is group.master else master
             for piece in group.slices:
                 yield piece.name, group.view(master, piece)
         yield from self.unused.items()

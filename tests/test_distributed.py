@@ -15,6 +15,7 @@ import torch.multiprocessing as mp
 
 import mtc
 from mtc.codegen.stream_plan import busy_seconds
+from mtc.runtime.store import FIXED_HOST_BYTES
 
 from models import gpt2, llama, tokens
 
@@ -65,13 +66,14 @@ def _run(rank, function, directory, rendezvous, ranks, args):
     torch.save(result, os.path.join(directory, f"rank{rank}.pt"))
 
 
-def _train_ranks(rank, build, hp=HP):
+def _train_ranks(rank, build, hp=HP, options=None):
     batches = [_rows(b, rank) for b in _batches()]
-    step = _compile(_model(build), batches[0], hp)
+    step = _compile(_model(build), batches[0], hp, **(options or {}))
     losses = [step(*b).item() for b in batches]
-    shards = {group.name: (group.shard, group.master.numel(), group.numel) for group in step._store.all_groups()}
+    shards = {group.name: (group.shard, group.length, group.numel) for group in step._store.all_groups()}
     return {"losses": losses, "parameters": dict(step.named_parameters()), "shards": shards,
-            "resident": step.plan.schedule.resident, "ranks": step.plan.schedule.ranks, "norm": step.last_grad_norm}
+            "resident": step.plan.schedule.resident, "ranks": step.plan.schedule.ranks, "norm": step.last_grad_norm,
+            "disk": step.plan.schedule.disk}
 
 
 def _assert_close(mine: dict, expected: dict, rtol=1e-5):
@@ -170,6 +172,20 @@ def test_a_checkpoint_saved_on_two_ranks_resumes_on_one_and_one_saved_on_one_on_
     assert ranks[0]["steps"] == 5
     assert [sum(r["losses"][i] for r in ranks) / 2 for i in range(2)] == pytest.approx(expected, rel=1e-5)
     _assert_close(ranks[0]["parameters"], dict(single.named_parameters()))
+
+
+def test_two_ranks_with_state_on_disk_train_as_one_process_in_ram(tmp_path):
+    """The NVMe tier under data parallel: each rank keeps its shard of the disk stages' state in its own files."""
+    host = FIXED_HOST_BYTES + (8 << 20)  # each rank's share of the state does not fit: some stages go to disk
+    ranks = _spawn(tmp_path, _train_ranks, llama, HP, {"nvme": str(tmp_path / "nvme"), "host_mem": host})
+    single = _compile(_model(llama), _batches()[0])
+    losses = [single(*b).item() for b in _batches()]
+    assert ranks[0]["disk"] and not single.plan.schedule.disk
+    assert [sum(r["losses"][i] for r in ranks) / 2 for i in range(STEPS)] == pytest.approx(losses, rel=1e-5)
+    _assert_close(ranks[0]["parameters"], dict(single.named_parameters()))
+    for name, ((start, end), held, numel) in ranks[1]["shards"].items():  # the disk stages are sharded too
+        if name.startswith("stage") and int(name[5:]) in ranks[1]["disk"]:
+            assert (start, end, held) == (numel // 2, numel, numel // 2), name
 
 
 def _train_replanned(rank):
