@@ -293,12 +293,16 @@ def plan(model, gpu_mem="80GB", example=None, clip: bool = False, device=None, c
     if host_mem is not None and host_bytes + FIXED_HOST_BYTES > host_mem:
         offloaded = sum(schedule.stages[i].offload_bytes for i in schedule.offload)
         inputs = f"; {format_bytes(offloaded)} of it the offloaded block inputs" if offloaded else ""
+        needs = f"(fp32 master and two moments, plus the bf16 copy that streams, for every streamed parameter{inputs})"
+        if schedule.disk:  # spilled() put every streamed stage there and it still does not fit
+            needs = (f"even with the optimizer state of all {len(schedule.disk)} streamed stages on disk "
+                     f"({format_bytes(disk_bytes)} there; what stays is the weights that stream and the buffers the "
+                     f"disk state is read into{inputs})")
         raise HostMemoryError(
             f"host_mem={format_bytes(host_mem)}{f', {host_mem_source},' if host_mem_source else ''} is too small: the "
-            f"training state needs {format_bytes(host_bytes)} "
-            f"(fp32 master and two moments, plus the bf16 copy that streams, for every streamed parameter{inputs}) and "
-            f"about {format_bytes(FIXED_HOST_BYTES)} more for the process; keep more stages on the GPU (a larger "
-            f"gpu_mem){'' if nvme else ', keep optimizer state on a fast disk (nvme=DIR)'} or use a host with "
+            f"training state needs {format_bytes(host_bytes)} {needs} and about {format_bytes(FIXED_HOST_BYTES)} more "
+            f"for the process; keep more stages on the GPU (a larger gpu_mem)"
+            f"{'' if nvme else ', keep optimizer state on a fast disk (nvme=DIR)'} or use a host with "
             f"{format_bytes(host_bytes + FIXED_HOST_BYTES)}")
     templates = {}
     for stage in partition.stages:

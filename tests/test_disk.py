@@ -114,7 +114,11 @@ def test_the_plan_times_disk_updates_by_the_disk_and_reports_its_wear():
     assert "TB written a day" in planned.plan.summary()
     without = mtc.plan(model, BUDGET, tokens(), device="cpu", host_mem=host * 100, nvme=True, profile="h100")
     assert not without.plan.schedule.disk  # RAM enough: nothing goes to disk
-    assert busy_seconds(without.plan.stream_plan, profile)["cpu"] < busy_seconds(planned.plan.stream_plan, profile)["cpu"]
+    cpu = [busy_seconds(p.plan.stream_plan, profile)["cpu"] for p in (without, planned)]
+    assert cpu[0] < cpu[1]
+    with pytest.raises(MemoryError, match=r"needs .* even with the optimizer state of all \d+ streamed stages on disk"):
+        mtc.plan(model, BUDGET, tokens(), device="cpu", host_mem=FIXED_HOST_BYTES + (1 << 20), nvme=True,
+                 profile="h100")
 
 
 def test_a_killed_run_leaves_its_checkpoint_whole_and_its_state_is_cleared(tmp_path):
