@@ -155,3 +155,25 @@ def test_aligned_slabs_and_a_filesystem_without_o_direct(tmp_path, monkeypatch):
     back = disk_module.aligned_empty(file.nbytes)
     file.read(back)
     assert torch.equal(file.views(back)["exp_avg"], torch.arange(1000.0))
+
+
+def test_the_command_line_measures_the_disk_then_trains_and_resumes_with_state_on_it(tmp_path, monkeypatch, capsys):
+    from mtc import probe
+    from mtc.cli import main
+
+    profile, nvme, checkpoint = tmp_path / "profile.json", str(tmp_path / "nvme"), str(tmp_path / "run")
+    monkeypatch.setenv("MTC_PROFILE", str(profile))
+    assert main(["probe", "--quick", "--device", "cpu", "--nvme", nvme]) == 0
+    measured = probe.load(str(profile))
+    assert measured.disk_read_bytes_per_s > 0 and measured.disk_write_bytes_per_s > 0
+    assert f"disk {nvme}: read" in measured.source
+    assert os.listdir(nvme) == []  # the measurement's file is gone
+    capsys.readouterr()
+    # 12 MiB of host RAM for the training state: the tiny preset's 13 MiB must spill some stages to disk.
+    train = ["train", "--preset", "tiny", "--device", "cpu", "--batch", "2x64", "--gpu-mem", "6MB", "--nvme", nvme,
+             "--host-mem", f"{(FIXED_HOST_BYTES >> 20) + 12}MiB", "--checkpoint", checkpoint, "--save-every", "2"]
+    assert main(train + ["--steps", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "stages (stages" in out and f"disk at {measured.disk_read_bytes_per_s / 1e9:g} GB/s read" in out
+    assert main(train + ["--steps", "4", "--resume"]) == 0
+    assert "in steps 3-4" in capsys.readouterr().out
