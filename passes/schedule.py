@@ -180,7 +180,7 @@ def schedule_pass(costs: Costs, gpu_mem: int, clip: bool, slots: int | None = No
                 if key not in seen:
                     seen.add(key)
                     candidates.append((bound[tuple(kept)], len(candidates), chunks, k, kept))
-    options, predicted, least_host = [], {}, (float("inf"), None)
+    options, predicted, least_host, spills = [], {}, (float("inf"), None), {}
     fastest = float("inf")
     for least, order, chunks, k, kept in sorted(candidates):  # likeliest first; the order breaks exact ties
         if least > fastest * (1 + TIE) * (1 + 1e-12):  # the margin: the simulation's float sums round
@@ -188,8 +188,11 @@ def schedule_pass(costs: Costs, gpu_mem: int, clip: bool, slots: int | None = No
         for keep, offload in _policies(costs, gpu_mem, clip, k, kept, budget, chunks):
             plan = fixed_plan(costs, gpu_mem, clip, k, kept, keep, offload, chunks=chunks)
             if host_budget is not None:
-                if spill and host_bytes(plan) > host_budget:
-                    plan = spilled(plan, host_budget, host_bytes)
+                if spill and host_bytes(plan) > host_budget:  # host bytes depend on the resident and offloaded only
+                    spill_key = (tuple(kept), tuple(plan.offload))
+                    if spill_key not in spills:
+                        spills[spill_key] = spilled(plan, host_budget, host_bytes).disk
+                    plan = dataclasses.replace(plan, disk=spills[spill_key])
                 needs = host_bytes(plan)
                 if needs > host_budget:
                     least_host = min(least_host, (needs, plan), key=lambda pair: pair[0])

@@ -205,16 +205,16 @@ FIXED_HOST_BYTES = 5 << 30
 4.6 GiB on the H100 box for an 8B run (BENCHMARKS.md, issue 3, including 1 GiB of benchmark buffers)."""
 
 
-def stage_kind(index: int, schedule) -> str:
-    """The kind of group the schedule makes of stage `index`."""
-    return RESIDENT if index in schedule.resident else DISK if index in schedule.disk else STREAMED
+def stage_kind(index: int, resident, disk) -> str:
+    """The kind of group a plan whose `resident` and `disk` stages are these makes of stage `index`."""
+    return RESIDENT if index in resident else DISK if index in disk else STREAMED
 
 
 def planned_host_bytes(schedule, compute_dtype: torch.dtype, device: torch.device) -> int:
     """The store's host bytes for a schedule on each of its data-parallel ranks, before anything is allocated
     (alignment padding aside): disk groups' staging slabs included."""
-    ranks = schedule.ranks
-    total = sum(Group.host_bytes(stage.params, compute_dtype, stage_kind(index, schedule), device, ranks)
+    ranks, resident, disk = schedule.ranks, set(schedule.resident), set(schedule.disk)
+    total = sum(Group.host_bytes(stage.params, compute_dtype, stage_kind(index, resident, disk), device, ranks)
                 for index, stage in enumerate(schedule.stages))
     total += SLABS * max((Group.disk_bytes(schedule.stages[i].params, compute_dtype, DISK, ranks) for i in schedule.disk),
                          default=0)
@@ -238,8 +238,8 @@ class StateStore:
         ranks = parallel.ranks if parallel else 1
         first = parallel is None or parallel.rank == 0
         shared_set = set(shared)
-        specs = [(f"stage{i}", [n for n in names if n not in shared_set],
-                  RESIDENT if i in resident else DISK if i in disk else STREAMED) for i, names in enumerate(stage_params)]
+        specs = [(f"stage{i}", [n for n in names if n not in shared_set], stage_kind(i, resident, disk))
+                 for i, names in enumerate(stage_params)]
         if shared:
             specs.append(("shared", list(shared), SHARED))
         sizes = [layout([(n, params[n].shape) for n in names])[1] for _, names, _ in specs]
@@ -314,7 +314,7 @@ class StateStore:
         if disk and self.disk is None:
             self.disk = DiskTier(nvme, self.compute_dtype)
         for index, group in enumerate(self.groups):
-            kind = RESIDENT if index in resident else DISK if index in disk else STREAMED
+            kind = stage_kind(index, resident, disk)
             if group.kind != kind:
                 moved = Group(group.name, [(s.name, s.shape) for s in group.slices], self.compute_dtype, kind,
                               self.device, self.parallel)
