@@ -17,6 +17,7 @@ import contextlib
 import os
 import shutil
 import threading
+import time
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -96,7 +97,7 @@ class DiskFile:
 class DiskTier:
     """The disk groups' files, the staging slabs and the I/O threads."""
 
-    def __init__(self, directory: str, compute_dtype: torch.dtype):
+    def __init__(self, directory: str):
         if not directory:
             raise ValueError(f"nvme={directory!r} is not valid; expected a directory for the optimizer state")
         os.makedirs(directory, exist_ok=True)
@@ -149,10 +150,13 @@ class DiskTier:
         if key not in self.reads:
             self._read_ahead(key)
         future, slab = self.reads.pop(key)
-        future.result()
-        group.bind(self.files[key].views(slab))
         try:
+            future.result()
+            group.bind(self.files[key].views(slab))
             work()
+        except BaseException:  # the file keeps the state from before the update; the slab goes back
+            self._give_back(slab)
+            raise
         finally:
             group.bind(None)
         self.writes[key] = self.io.submit(self._write_back, key, slab)
@@ -179,9 +183,12 @@ class DiskTier:
             with self.counted:
                 self.bytes_written += self.files[key].nbytes
         finally:
-            with self.slab_free:
-                self.free.append(slab)
-                self.slab_free.notify()
+            self._give_back(slab)
+
+    def _give_back(self, slab: torch.Tensor) -> None:
+        with self.slab_free:
+            self.free.append(slab)
+            self.slab_free.notify()
 
     def _take_slab(self) -> torch.Tensor:
         with self.slab_free:
@@ -198,8 +205,7 @@ class DiskTier:
         """Wait for every write, drop the reads ahead (what they read may be rewritten by the caller)."""
         for future, slab in self.reads.values():
             future.result()
-            with self.slab_free:
-                self.free.append(slab)
+            self._give_back(slab)
         self.reads.clear()
         self.flush()
 
@@ -207,15 +213,18 @@ class DiskTier:
     @contextlib.contextmanager
     def state(self, group, write: bool = False):
         """The group's disk state as fp32 tensors in RAM ({name: tensor}); written back on exit if `write`.
-        The optimizer thread must be idle (the caller has synchronised)."""
+        The optimizer thread must be idle (the caller has synchronised). It uses one of the optimizer's slabs, idle
+        then: the host holds no more than the plan counted."""
         self.drain()
         file = self.files[id(group)]
-        slab = aligned_empty(file.nbytes)
-        file.read(slab)
-        yield file.views(slab)
-        if write:
-            file.write(slab)
-
+        slab = self._take_slab()
+        try:
+            file.read(slab)
+            yield file.views(slab)
+            if write:
+                file.write(slab)
+        finally:
+            self._give_back(slab)
 
 
 def _close(io: ThreadPoolExecutor, files: dict, root: str) -> None:
@@ -242,8 +251,6 @@ def _remove_leftovers(directory: str) -> None:
 def disk_rates(directory: str, nbytes: int = 1 << 30) -> tuple[float, float, bool]:
     """(read, write) bytes a second of the directory's disk as the tier uses it (O_DIRECT where it can, IO_CHUNK
     pieces, one file), and whether O_DIRECT held. The file is removed afterwards."""
-    import time
-
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, f".mtc-probe-{os.getpid()}.bin")
     file = DiskFile(path, ("data",), nbytes // 4)

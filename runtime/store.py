@@ -272,7 +272,7 @@ class StateStore:
         if disk:
             if nvme is None:
                 raise ValueError(f"stages {list(disk)} are to keep their state on disk but no nvme directory was given")
-            self.disk = DiskTier(nvme, self.compute_dtype)
+            self.disk = DiskTier(nvme)
 
         start = time.perf_counter()
         groups = []
@@ -312,7 +312,7 @@ class StateStore:
         them. Under data parallel every rank calls it: a group leaving the device keeps this rank's shard, one
         coming to it gathers every rank's."""
         if disk and self.disk is None:
-            self.disk = DiskTier(nvme, self.compute_dtype)
+            self.disk = DiskTier(nvme)
         for index, group in enumerate(self.groups):
             kind = stage_kind(index, resident, disk)
             if group.kind != kind:
@@ -366,7 +366,7 @@ class StateStore:
         for group in self.all_groups():
             with self.state_of(group):
                 master = self.whole(group, group.master)
-                master = master.clone() if group.kind == DISK and master is group.master else master
+                master = master.clone() if "master" in group.disk_names and master is group.master else master
             for piece in group.slices:
                 yield piece.name, group.view(master, piece)
         yield from self.unused.items()

@@ -121,6 +121,28 @@ def test_the_plan_times_disk_updates_by_the_disk_and_reports_its_wear():
                  profile="h100")
 
 
+def test_the_tier_holds_no_more_than_its_slabs_and_a_failed_update_loses_nothing(tmp_path):
+    step = mtc.compile(llama(), BUDGET, tokens(), device="cpu", progress=False, nvme=str(tmp_path), host_mem=HOST)
+    step(*tokens())
+    step.synchronize()
+    store, tier = step._store, step._store.disk
+    group = store.groups[_disk_stages(step)[0]]
+    assert len(tier.free) == disk_module.SLABS - 1  # the next step's first disk stage is read ahead
+    with store.state_of(group):  # the checkpoints' and named_parameters' way in: drops that, takes an idle slab
+        assert len(tier.free) == disk_module.SLABS - 1
+        before = {name: getattr(group, name).clone() for name in group.disk_names}
+
+    def failing():
+        group.exp_avg.add_(1.0)  # half done
+        raise RuntimeError("the update failed")
+
+    with pytest.raises(RuntimeError, match="the update failed"):
+        tier.update(group, failing)
+    assert len(tier.free) == disk_module.SLABS and group.exp_avg is None
+    with store.state_of(group):  # the file holds the state from before the update
+        assert all(torch.equal(getattr(group, name), value) for name, value in before.items())
+
+
 def test_a_killed_run_leaves_its_checkpoint_whole_and_its_state_is_cleared(tmp_path):
     """SIGKILL while the optimizer state is being written to disk: the last checkpoint loads, and the next run
     clears the killed one's state directory."""
