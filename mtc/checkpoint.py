@@ -38,6 +38,7 @@ import torch
 from tqdm import tqdm
 
 from mtc.config import AdamW, format_bytes
+from mtc.runtime.preflight import free_disk_bytes
 
 FORMAT = 1
 SHARD_BYTES = 2 << 30
@@ -184,10 +185,7 @@ def check_free_space(path, needed: int, instead: str | None = None) -> None:
     free, beside any checkpoint already there: that one is replaced only once the new one is whole. instead:
     what else the user can do (default: save to a path on a disk with that much free)."""
     path = os.path.abspath(os.fspath(path))
-    directory = os.path.dirname(path)
-    while not os.path.isdir(directory):  # the nearest parent that exists: the rest is made on its disk
-        directory = os.path.dirname(directory)
-    free = shutil.disk_usage(directory).free
+    directory, free = free_disk_bytes(os.path.dirname(path))
     if free < needed:
         instead = instead or f"save to a path on a disk with {format_bytes(needed)} free"
         raise DiskSpaceError(errno.ENOSPC, f"a checkpoint at {path} needs {format_bytes(needed)} ({needed:,} bytes: "

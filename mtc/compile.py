@@ -9,7 +9,6 @@ import importlib
 import inspect
 import json
 import os
-import shutil
 import time
 
 import torch
@@ -27,7 +26,8 @@ from mtc.plan import Plan
 from mtc.probe import profile_for, resolve_profile
 from mtc.runtime.distributed import DataParallel, launched, local_rank
 from mtc.runtime.engine import Engine, NonFiniteError, default_cpu_threads
-from mtc.runtime.preflight import available_host_bytes, check_gpu_memory, describe_host_memory, process_status_bytes
+from mtc.runtime.preflight import (available_host_bytes, check_gpu_memory, describe_host_memory, free_disk_bytes,
+                                   process_status_bytes)
 from mtc.checkpoint import DiskSpaceError
 from mtc.runtime.store import DISK, FIXED_HOST_BYTES, Group, HostMemoryError, StateStore, planned_host_bytes
 from mtc.runtime.watchdog import Watchdog
@@ -116,7 +116,7 @@ def compile(model: torch.nn.Module, gpu_mem="80GB", example=None, optimizer: Ada
     # Preflight: nothing large is allocated before the device and the host are known to have room.
     _on_every_rank(parallel, check_gpu_memory, parse_bytes(gpu_mem, "gpu_mem"), device)
     planned = _plan_everywhere(settings, gpu_mem, schedule)
-    check_disk_space(planned.plan.header["disk_bytes"], nvme)
+    _on_every_rank(parallel, check_disk_space, planned.plan.header["disk_bytes"], nvme, parallel)
     store = StateStore([s.params for s in planned.partition.stages], planned.partition.shared_params,
                        planned.params, planned.buffers, planned.compute_dtype, device, model=model, init=init,
                        progress=progress and (parallel is None or parallel.rank == 0),
@@ -382,7 +382,8 @@ class Step:
         self._engine = None  # its device buffers go before the new plan's are made
         try:
             self._free_cache()
-            check_disk_space(planned.plan.header["disk_bytes"], settings["nvme"])
+            _on_every_rank(self.parallel, check_disk_space, planned.plan.header["disk_bytes"], settings["nvme"],
+                           self.parallel)
             self._store.place(planned.plan.schedule.resident, planned.plan.schedule.disk, settings["nvme"])
             self._free_cache()
             replanned = Step(planned, self._store, _engine(planned, self._store, settings), settings)
@@ -472,14 +473,13 @@ def _clip_norm(clip_grad_norm) -> float | None:
     return float(clip_grad_norm) if clip_grad_norm is not None else None
 
 
-def check_disk_space(needed: int, nvme: str | None) -> None:
-    """Refuse a plan whose disk stages' state would not fit in the nvme directory's free space."""
+def check_disk_space(needed: int, nvme: str | None, parallel: DataParallel | None = None) -> None:
+    """Refuse a plan whose disk stages' state (`needed` bytes on each rank) would not fit in the nvme directory's
+    free space, which the ranks of one host share."""
+    needed *= parallel.local_ranks if parallel else 1
     if not needed:
         return
-    directory = nvme
-    while not os.path.isdir(directory):  # the nearest parent that exists: the rest is made on its disk
-        directory = os.path.dirname(directory)
-    free = shutil.disk_usage(directory).free
+    _, free = free_disk_bytes(nvme)
     if needed > free:
         raise DiskSpaceError(errno.ENOSPC, f"nvme={nvme!r} has {format_bytes(free)} free but the plan keeps "
                              f"{format_bytes(needed)} of optimizer state there; free {format_bytes(needed - free)}, "

@@ -7,7 +7,9 @@ says, once, how much slower its copies measured.
 """
 from __future__ import annotations
 
+import os
 import resource
+import shutil
 import time
 import warnings
 import weakref
@@ -89,6 +91,15 @@ def describe_host_memory() -> str:
     if (cgroup := cgroup_memory()) is not None:
         parts.append(f"a cgroup limit of {format_bytes(cgroup[0])} with {format_bytes(cgroup[1])} left")
     return ", ".join(parts) or "unknown off Linux"
+
+
+def free_disk_bytes(path) -> tuple[str, int]:
+    """(the nearest directory at or above `path` that exists, the free bytes of its disk): where a directory
+    still to be made at `path` will take its room."""
+    directory = os.path.abspath(os.fspath(path))
+    while not os.path.isdir(directory):
+        directory = os.path.dirname(directory)
+    return directory, shutil.disk_usage(directory).free
 
 
 def locked_memory_limit() -> int | None:

@@ -2,6 +2,7 @@
 moves through checkpoints and replans, the plan counts the disk, and a directory without room is refused."""
 import importlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -91,7 +92,7 @@ def test_a_checkpoint_of_disk_state_resumes_and_replans(tmp_path):
 
 def test_a_directory_without_room_is_refused_before_anything_is_written(tmp_path, monkeypatch):
     free = type("Usage", (), {"free": 1000})()
-    monkeypatch.setattr(compile_module.shutil, "disk_usage", lambda path: free)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: free)
     with pytest.raises(OSError, match=r"nvme=.* has 1000 B free but the plan keeps .* of optimizer state there"):
         mtc.compile(llama(), BUDGET, tokens(), device="cpu", progress=False, nvme=str(tmp_path), host_mem=HOST)
     assert os.listdir(tmp_path) == []
