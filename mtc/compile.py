@@ -78,6 +78,8 @@ def compile(model: torch.nn.Module, gpu_mem="80GB", example=None, optimizer: Ada
     if nvme is not None and not (isinstance(nvme, (str, os.PathLike)) and os.fspath(nvme)):
         raise TypeError(f"nvme={nvme!r} is not valid; expected None or a directory's path")
     nvme = os.path.abspath(os.fspath(nvme)) if nvme is not None else None
+    if nvme is not None and os.path.exists(nvme) and not os.path.isdir(nvme):
+        raise ValueError(f"nvme={nvme!r} is not valid: it is a file; expected a directory (made if it does not exist)")
     parallel = _data_parallel(distributed)
     device = _rank_device(device) if parallel else _device(device)
     parallel = DataParallel(device) if parallel else None

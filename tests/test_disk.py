@@ -91,12 +91,17 @@ def test_a_checkpoint_of_disk_state_resumes_and_replans(tmp_path):
     assert all(torch.equal(p, q) for (_, p), (_, q) in zip(moved.named_parameters(), whole.named_parameters()))
 
 
-def test_a_directory_without_room_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+def test_a_directory_without_room_or_not_a_directory_is_refused_before_anything_is_written(tmp_path, monkeypatch):
     free = type("Usage", (), {"free": 1000})()
     monkeypatch.setattr(shutil, "disk_usage", lambda path: free)
     with pytest.raises(OSError, match=r"nvme=.* has 1000 B free but the plan keeps .* of optimizer state there"):
         mtc.compile(llama(), BUDGET, tokens(), device="cpu", progress=False, nvme=str(tmp_path), host_mem=HOST)
     assert os.listdir(tmp_path) == []
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(ValueError, match=r"nvme=.*a-file' is not valid: it is a file; expected a directory"):
+        mtc.compile(llama(), BUDGET, tokens(), device="cpu", progress=False, nvme=tmp_path / "a-file", host_mem=HOST)
+    with pytest.raises(TypeError, match=r"nvme=3 is not valid; expected None or a directory's path"):
+        mtc.compile(llama(), BUDGET, tokens(), device="cpu", progress=False, nvme=3)
 
 
 def test_the_plan_times_disk_updates_by_the_disk_and_reports_its_wear():
